@@ -1,0 +1,1 @@
+"""Framework adapters: each registers pluggy hook implementations under the ``dopt`` group."""

@@ -1,0 +1,1 @@
+"""PyTorch adapter: fake-quant QAT/calibration in the user's loop, ONNX + parameter export."""

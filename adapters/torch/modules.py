@@ -1,0 +1,177 @@
+"""Modules that replace the user's configured layers inside ``optimize_model``.
+
+``QuantConv2d``/``QuantLinear`` hold the user's original layer (and, for a
+convolution, the BatchNorm that follows it) so parameter and buffer values carry
+over, an input ``ActQuantizer`` and per-channel weight fake-quant.
+
+BatchNorm folding follows the usual simulated-folding scheme: in training the
+convolution runs with the folded, quantized weight and is rescaled so BN can
+normalise with batch statistics (running statistics keep updating); in eval, or
+once ``freeze_bn_stats`` is set, it computes exactly the folded layer that is
+exported - weight ``w * gamma / sigma``, bias ``beta + (b - mu) * gamma / sigma``,
+int32-quantized bias.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from . import fake_quant as fq
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor asymmetric INT8 fake-quant of a layer input with a learnable range."""
+
+    def __init__(self, observer_factory, algorithm: str = "minmax"):
+        super().__init__()
+        self.lo = nn.Parameter(torch.zeros(()))
+        self.hi = nn.Parameter(torch.zeros(()))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.uint8))
+        self.algorithm = algorithm
+        self._factory = observer_factory
+        self.observer = observer_factory()
+        self.calibrating = False
+
+    def extra_repr(self):
+        return f"algorithm={self.algorithm}, range=[{self.lo.item():.4g}, {self.hi.item():.4g}]"
+
+    def start_calibration(self):
+        self.observer = self._factory()
+        self.calibrating = True
+
+    def finish_calibration(self) -> bool:
+        """Merge the observers of all ranks (same order everywhere) and fix the range."""
+        self.calibrating = False
+        state = self.observer.state()
+        if _distributed():
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, state)
+            merged = self._factory()
+            for s in states:
+                merged.merge(s)
+            self.observer = merged
+        if self.observer.empty:
+            return False
+        lo, hi = self.observer.range()
+        with torch.no_grad():
+            self.lo.fill_(lo)
+            self.hi.fill_(hi)
+            self.initialized.fill_(1)
+        return True
+
+    def qparams(self):
+        return fq.activation_qparams(self.lo, self.hi)
+
+    def forward(self, x):
+        if self.calibrating:
+            self.observer.update(x.detach().float().cpu().numpy())
+            return x
+        if not self.initialized:
+            # QAT without a calibration pass: start from this batch (all ranks agree)
+            self.start_calibration()
+            self.observer.update(x.detach().float().cpu().numpy())
+            self.finish_calibration()
+        scale, offset = self.qparams()
+        return fq.fake_quant_activation(x, scale, offset)
+
+
+class _QuantLayer(nn.Module):
+    """Shared logic: input quantizer, weight fake-quant, calibration passthrough."""
+
+    def __init__(self, layer, act: ActQuantizer):
+        super().__init__()
+        self.layer = layer
+        self.act = act
+
+    @property
+    def calibrating(self) -> bool:
+        return self.act.calibrating
+
+    def folded(self):
+        """(weight, bias) as deployed: BN folded where present. Differentiable."""
+        return self.layer.weight, self.layer.bias
+
+    def quantized_params(self):
+        """(fake-quant weight, fake-quant bias, weight scales) of the deployed layer."""
+        w, b = self.folded()
+        s_w = fq.weight_scales(w)
+        wq = fq.fake_quant_weight(w, s_w)
+        if b is not None:
+            scale, _ = self.act.qparams()
+            b = fq.fake_quant_bias(b, scale, s_w)
+        return wq, b, s_w
+
+
+class QuantLinear(_QuantLayer):
+    def forward(self, x):
+        if self.calibrating:
+            self.act(x)
+            return self.layer(x)
+        x = self.act(x)
+        wq, bq, _ = self.quantized_params()
+        return F.linear(x, wq, bq)
+
+
+class QuantConv2d(_QuantLayer):
+    def __init__(self, layer: nn.Conv2d, act: ActQuantizer, bn: nn.BatchNorm2d | None = None,
+                 bn_name: str | None = None):
+        super().__init__(layer, act)
+        self.bn = bn
+        self.bn_name = bn_name
+        self.freeze_bn_stats = False
+
+    def _conv(self, x, w, b):
+        c = self.layer
+        if c.padding_mode != "zeros":
+            x = F.pad(x, c._reversed_padding_repeated_twice, mode=c.padding_mode)
+            return F.conv2d(x, w, b, c.stride, 0, c.dilation, c.groups)
+        return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+
+    def _bn_factor(self):
+        bn = self.bn
+        std = torch.sqrt(bn.running_var + bn.eps)
+        gamma = bn.weight if bn.affine else torch.ones_like(std)
+        return gamma / std
+
+    def folded(self):
+        w, b = self.layer.weight, self.layer.bias
+        if self.bn is None:
+            return w, b
+        bn = self.bn
+        f = self._bn_factor()
+        beta = bn.bias if bn.affine else torch.zeros_like(f)
+        b0 = b if b is not None else torch.zeros_like(f)
+        return w * f.reshape(-1, 1, 1, 1), beta + (b0 - bn.running_mean) * f
+
+    def forward(self, x):
+        if self.calibrating:  # float path; BN uses running statistics, nothing updates
+            self.act(x)
+            y = self._conv(x, self.layer.weight, self.layer.bias)
+            if self.bn is not None:
+                y = F.batch_norm(y, self.bn.running_mean, self.bn.running_var, self.bn.weight,
+                                 self.bn.bias, False, 0.0, self.bn.eps)
+            return y
+        x = self.act(x)
+        if self.bn is not None and self.training and not self.freeze_bn_stats:
+            f = self._bn_factor()
+            w = self.layer.weight * f.reshape(-1, 1, 1, 1)
+            wq = fq.fake_quant_weight(w, fq.weight_scales(w))
+            y = self._conv(x, wq, None) / f.reshape(1, -1, 1, 1)
+            if self.layer.bias is not None:
+                y = y + self.layer.bias.reshape(1, -1, 1, 1)
+            return self.bn(y)
+        wq, bq, _ = self.quantized_params()
+        return self._conv(x, wq, bq)
+
+
+def quant_layers(model: nn.Module):
+    """``(qualified name, module)`` of every dopt quant layer in ``model``."""
+    for name, m in model.named_modules():
+        if isinstance(m, _QuantLayer):
+            yield name, m

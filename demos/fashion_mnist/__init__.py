@@ -1,0 +1,1 @@
+"""Fashion-MNIST end-to-end demo: float model -> calibration -> QAT -> deployable files."""

@@ -1,0 +1,64 @@
+"""Outputs appear whole or not at all: write to a temporary sibling, then rename."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .errors import DoptError
+
+
+def _check_dir_writable(directory: Path) -> None:
+    if not directory.is_dir():
+        raise DoptError("the output directory does not exist", file=str(directory),
+                        hint="create it first or choose an existing directory")
+    if not os.access(directory, os.W_OK):
+        raise DoptError("the output directory is not writable", file=str(directory),
+                        hint="choose a directory you can write to")
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; on success rename it over ``dest``."""
+    dest = Path(dest)
+    _check_dir_writable(dest.parent if str(dest.parent) else Path("."))
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent or ".")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(dest: str | os.PathLike, obj) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def staged_outputs(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Stage several outputs in a temporary folder and move them into ``out_dir`` together.
+
+    If the body raises, nothing is left in ``out_dir`` (and ``out_dir`` is not created).
+    """
+    out_dir = Path(out_dir)
+    anchor = out_dir if out_dir.exists() else out_dir.parent
+    if not anchor.exists():
+        raise DoptError("the output directory's parent does not exist", file=str(out_dir),
+                        hint="create the parent directory or choose another output_dir")
+    _check_dir_writable(anchor)
+    stage = Path(tempfile.mkdtemp(prefix=".dopt-stage-", dir=anchor))
+    try:
+        yield stage
+        out_dir.mkdir(exist_ok=True)
+        for item in sorted(stage.iterdir()):
+            os.replace(item, out_dir / item.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

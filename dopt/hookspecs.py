@@ -1,0 +1,62 @@
+"""Hook specifications: the reference tool's five operations plus dispatch.
+
+Adapters (``adapters/``) and third-party plugins implement these and register
+through the ``dopt`` entry-point group. The five operations are ``firstresult``
+hooks that receive the chosen adapter's name: an implementation returns ``None``
+for any adapter but its own, so exactly one framework answers (NNCF-style backend
+dispatch, with pluggy doing the calling).
+"""
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "dopt"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def dopt_adapter_info():
+    """Describe an adapter: ``{"name", "framework", "extra", "operations", "strategies"}``.
+
+    ``extra`` is the pip extra that brings the framework; it is quoted in errors.
+    """
+
+
+@hookspec
+def dopt_claim_model(model):
+    """Return the adapter name if this adapter handles ``model``, else ``None``.
+
+    Must not import a framework that is not already imported: a model object of
+    a framework implies the framework is in ``sys.modules``.
+    """
+
+
+@hookspec
+def dopt_range_algorithms():
+    """Return ``{name: factory}`` of activation-range observers (see ``dopt.observers``)."""
+
+
+@hookspec(firstresult=True)
+def dopt_generate_config_file(adapter, model, dst_path, input_shape, options):
+    """Write the per-layer strategy JSON for ``model``; return the written document."""
+
+
+@hookspec(firstresult=True)
+def dopt_optimize_model(adapter, model, config_path, options):
+    """Return the model with fake-quant inserted on the configured layers."""
+
+
+@hookspec(firstresult=True)
+def dopt_set_calibrate_state(adapter, model, calibrate):
+    """Switch calibration (statistics-only forward passes) on or off; return the model."""
+
+
+@hookspec(firstresult=True)
+def dopt_get_quant_loss(adapter, model):
+    """Return the auxiliary quantization loss (a framework scalar, 0 where none applies)."""
+
+
+@hookspec(firstresult=True)
+def dopt_generate_final_model(adapter, model, config_file, weights_file, output_dir, options):
+    """Write the deployable model(s) and the parameter file; return ``{kind: path}``."""

@@ -1,0 +1,154 @@
+"""ONNX is dopt's interchange format: graph facts, QDQ rewriting and ORT checks.
+
+Imports ``onnx``/``onnxruntime`` lazily so the core stays framework-free.
+The QDQ form places QuantizeLinear/DequantizeLinear on each quantized node's
+input, int8 per-channel weights and int32 bias behind DequantizeLinear — the
+same arithmetic as ``dopt.numerics``, runnable on ONNX Runtime and other stacks.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import numerics as nm
+from .errors import DoptError, MissingExtraError
+
+QDQ_MIN_OPSET = 13
+
+
+def _onnx():
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        raise MissingExtraError("onnx", "onnx", "Writing ONNX models") from None
+    return onnx, numpy_helper
+
+
+def _ort():
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise MissingExtraError("onnxruntime", "onnx", "Checking ONNX models") from None
+    return ort
+
+
+def _weight_axis(node) -> int:
+    """Axis of the output channels in the node's weight tensor."""
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    if node.op_type == "MatMul":
+        return 1
+    if node.op_type == "ConvTranspose":
+        return 1
+    return 0
+
+
+def graph_layers(model) -> dict[str, dict]:
+    """``{node name: {"op_type", "weight", "weight_shape"}}`` for nodes with a constant weight."""
+    inits = {i.name: i for i in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose") and len(n.input) > 1 \
+                and n.input[1] in inits:
+            dims = list(inits[n.input[1]].dims)
+            ax = _weight_axis(n)
+            shape = [dims[ax]] + [d for i, d in enumerate(dims) if i != ax]
+            out[n.name] = {"op_type": n.op_type, "weight": n.input[1], "weight_shape": shape}
+    return out
+
+
+def build_qdq(model, params: dict):
+    """Return a copy of float ONNX ``model`` with the records of ``params`` applied as QDQ."""
+    onnx, nh = _onnx()
+    from onnx import helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    opset = next((o for o in m.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or opset.version < QDQ_MIN_OPSET:
+        raise DoptError("the model's opset is too old for per-channel QDQ",
+                        expected=f"opset >= {QDQ_MIN_OPSET}",
+                        found=str(opset.version if opset else None))
+    inits = {i.name: i for i in m.graph.initializer}
+    nodes = {n.name: n for n in m.graph.node}
+    new_nodes: dict[str, list] = {}
+    new_inits = []
+
+    def const(name, arr):
+        new_inits.append(nh.from_array(np.asarray(arr), name))
+        return name
+
+    for node_name, rec in params["layers"].items():
+        node = nodes.get(node_name)
+        if node is None:
+            raise DoptError(f"parameter record for node '{node_name}' has no node in the model",
+                            field=f"layers.{node_name}")
+        s_d = np.float32(rec["input"]["scale"])
+        o_d = int(rec["input"]["offset"])
+        w_scales = np.asarray(rec["weight"]["scales"], dtype=np.float32)
+        x = node.input[0]
+        pre = []
+        sc = const(f"{node_name}.input_scale", s_d)
+        zp = const(f"{node_name}.input_zero_point", np.int8(o_d))
+        pre.append(helper.make_node("QuantizeLinear", [x, sc, zp], [f"{node_name}.input_q"],
+                                    name=f"{node_name}.input_Quantize"))
+        pre.append(helper.make_node("DequantizeLinear", [f"{node_name}.input_q", sc, zp],
+                                    [f"{node_name}.input_dq"],
+                                    name=f"{node_name}.input_Dequantize"))
+        node.input[0] = f"{node_name}.input_dq"
+        # weight
+        w_name = node.input[1]
+        w = nh.to_array(inits[w_name]).astype(np.float32)
+        ax = _weight_axis(node)
+        wq = nm.quantize_weight(np.moveaxis(w, ax, 0), w_scales, axis=0)
+        wq = np.moveaxis(wq, 0, ax)
+        const(f"{w_name}.quantized", wq)
+        const(f"{w_name}.scale", w_scales)
+        const(f"{w_name}.zero_point", np.zeros(len(w_scales), np.int8))
+        pre.append(helper.make_node("DequantizeLinear",
+                                    [f"{w_name}.quantized", f"{w_name}.scale",
+                                     f"{w_name}.zero_point"], [f"{w_name}.dq"], axis=ax,
+                                    name=f"{node_name}.weight_Dequantize"))
+        node.input[1] = f"{w_name}.dq"
+        if len(node.input) > 2 and node.input[2] and node.op_type in ("Conv", "Gemm"):
+            b_name = node.input[2]
+            b = nh.to_array(inits[b_name]).astype(np.float32)
+            if b.ndim == 1 and b.shape[0] == len(w_scales):
+                const(f"{b_name}.quantized", nm.quantize_bias(b, s_d, w_scales))
+                const(f"{b_name}.scale", nm.bias_scales(s_d, w_scales))
+                const(f"{b_name}.zero_point", np.zeros(len(w_scales), np.int32))
+                pre.append(helper.make_node("DequantizeLinear",
+                                            [f"{b_name}.quantized", f"{b_name}.scale",
+                                             f"{b_name}.zero_point"], [f"{b_name}.dq"], axis=0,
+                                            name=f"{node_name}.bias_Dequantize"))
+                node.input[2] = f"{b_name}.dq"
+        new_nodes[node_name] = pre
+    ordered = []
+    for n in m.graph.node:
+        ordered.extend(new_nodes.get(n.name, []))
+        ordered.append(n)
+    del m.graph.node[:]
+    m.graph.node.extend(ordered)
+    m.graph.initializer.extend(new_inits)
+    # drop float weights/biases that no node reads any more
+    used = {i for n in m.graph.node for i in n.input}
+    keep = [i for i in m.graph.initializer if i.name in used]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+    onnx.checker.check_model(m)
+    return m
+
+
+def ort_session(path_or_bytes, *, optimize: bool = False):
+    """A CPU ONNX Runtime session; graph optimizations off unless asked (exact QDQ semantics)."""
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(path_or_bytes, so, providers=["CPUExecutionProvider"])
+
+
+def run(session, feeds: dict) -> list[np.ndarray]:
+    return session.run(None, feeds)

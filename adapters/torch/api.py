@@ -104,6 +104,14 @@ def set_calibrate_state(model, calibrate: bool):
     if getattr(inner, INFO_ATTR, None) is None:
         raise DoptError("set_calibrate_state needs the model returned by optimize_model",
                         found=type(inner).__name__)
+    # Calibration only observes: nothing else (BN running statistics, dropout) may move,
+    # so the model runs in eval mode until calibration ends, then gets its mode back.
+    info = getattr(inner, INFO_ATTR)
+    if calibrate and "mode_before_calibration" not in info:
+        info["mode_before_calibration"] = model.training
+        model.eval()
+    elif not calibrate and "mode_before_calibration" in info:
+        model.train(info.pop("mode_before_calibration"))
     uncalibrated = []
     for name, q in quant_layers(inner):
         if calibrate:

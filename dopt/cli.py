@@ -1,0 +1,98 @@
+"""``dopt`` command line: scriptable, CI-friendly wrappers around the Python API.
+
+Every user error prints one paragraph on stderr and exits 2; nothing is half-written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import DoptError
+
+
+def _adapters(a):
+    from . import plugin_manager as pm
+    for name, info in sorted(pm.adapters().items()):
+        print(f"{name}: {info.get('framework')} (extra dopt[{info.get('extra')}]) - "
+              f"{', '.join(info.get('operations', []))}")
+    print("activation range algorithms: " + ", ".join(sorted(pm.range_algorithms())))
+    for name, why in pm.get_plugin_manager().broken.items():
+        print(f"broken plugin {name}: {why}")
+    return 0
+
+
+def _torch_config(a):
+    from . import userpy
+    from .dopt_torch.opt_main import generate_config_file
+    model = userpy.build(a.model)
+    generate_config_file(model, a.input_shape, dst_path=a.output)
+    print(f"wrote {a.output}")
+    return 0
+
+
+def _torch_final(a):
+    from . import userpy
+    from .dopt_torch.opt_main import generate_final_model
+    model = userpy.build(a.model)
+    files = generate_final_model(model, a.config, pth_file=a.weight, output_dir=a.output_dir)
+    for k, v in files.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def _check_params(a):
+    from . import params as P
+    doc = P.read_params(a.param_file)
+    graph = None
+    if a.model:
+        from . import onnx_qdq
+        import onnx
+        try:
+            m = onnx.load(a.model, load_external_data=False)
+        except Exception as e:
+            raise DoptError(f"cannot read the ONNX model ({e.__class__.__name__})",
+                            file=a.model) from None
+        graph = onnx_qdq.graph_layers(m)
+    P.validate_params(doc, file=a.param_file, graph=graph)
+    print(json.dumps({"file": a.param_file, "layers": len(doc["layers"]), "valid": True}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dopt", description="dopt: models to a mobile NPU")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("adapters", help="list installed adapters and plugins")
+    s.set_defaults(fn=_adapters)
+    s = sub.add_parser("torch-config", help="write the per-layer strategy JSON for a torch model")
+    s.add_argument("--model", required=True, help="net.py:Name (class or builder function)")
+    s.add_argument("--input_shape", required=True, help="'x:1,3,224,224'")
+    s.add_argument("--output", default="./config_gen.json")
+    s.set_defaults(fn=_torch_config)
+    s = sub.add_parser("torch-final", help="generate_final_model from the command line")
+    s.add_argument("--model", required=True, help="net.py:Name building the float model")
+    s.add_argument("--config", required=True)
+    s.add_argument("--weight", required=True, help="quant checkpoint (.pth state dict)")
+    s.add_argument("--output_dir", default="./")
+    s.set_defaults(fn=_torch_final)
+    s = sub.add_parser("check-params", help="validate a quantization parameter file")
+    s.add_argument("param_file")
+    s.add_argument("--model", help="the ONNX model the records must match")
+    s.set_defaults(fn=_check_params)
+    return ap
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return a.fn(a)
+    except DoptError as e:
+        print(f"dopt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dopt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

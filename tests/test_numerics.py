@@ -1,0 +1,68 @@
+"""Golden vectors of docs/numerics.md and the rules they illustrate."""
+import numpy as np
+import pytest
+
+from dopt import numerics as nm
+
+
+def test_round_half_even_and_clamp():
+    s, o = np.float32(0.5), -3
+    x = np.array([-100.0, -0.25, 0.25, 0.75, 1.25, 61.0, 100.0], np.float32)
+    # x/s = -200, -0.5, 0.5, 1.5, 2.5, 122, 200 -> rint: -200, -0, 0, 2, 2, 122, 200; + o; clamp
+    assert nm.quantize_activation(x, s, o).tolist() == [-128, -3, -3, -1, -1, 119, 127]
+
+
+def test_activation_qparams_golden():
+    s, o = nm.activation_qparams(-1.0, 3.0)
+    assert s == np.float32(4.0) / np.float32(255.0)
+    assert o == -64  # rint(-128 + 1 / (4/255)) = rint(-64.25)
+    s, o = nm.activation_qparams(0.5, 6.0)  # widened to include 0
+    assert o == -128 and s == np.float32(6.0) / np.float32(255.0)
+    s, o = nm.activation_qparams(0.0, 0.0)
+    assert s == np.float32(nm.MIN_SCALE) and o == -128
+    assert nm.fake_quant_activation(np.float32(0.0), *nm.activation_qparams(-0.3, 2.9)) == 0.0
+
+
+def test_weight_per_channel_golden():
+    w = np.array([[0.5, -1.27, 0.0], [0.0, 0.0, 0.0], [2.54, 1.0, -0.01]], np.float32)
+    s = nm.weight_scales(w)
+    assert s.tolist() == [np.float32(1.27) / np.float32(127), 1.0, np.float32(2.54) / np.float32(127)]
+    q = nm.quantize_weight(w, s)
+    assert q.tolist() == [[50, -127, 0], [0, 0, 0], [127, 50, 0]]
+    assert q.dtype == np.int8 and q.min() >= -127
+
+
+def test_bias_int32_golden():
+    assert nm.quantize_bias(np.array([0.1, -3e9], np.float32), 0.01, np.array([0.1, 1.0], np.float32)).tolist() \
+        == [100, -2147483648]
+
+
+def test_int8_linear_golden():
+    x = np.array([[0.0, 1.0, -0.5, 2.0]], np.float32)
+    w = np.array([[1.0, -1.0, 0.5, 0.25], [0.0, 2.0, 0.0, -2.0]], np.float32)
+    b = np.array([0.5, -1.0], np.float32)
+    s_d, o_d = nm.activation_qparams(-0.5, 2.0)
+    s_w = nm.weight_scales(w)
+    y = nm.int8_linear(x, w, b, s_d, o_d, s_w)
+    assert y.dtype == np.float16
+    # hand-checked: q-o = [0, 102, -51, 204]; w_q = [[127,-127,64,32],[0,127,0,-127]];
+    # acc = [-9690 + 6477, -12954 - 6477] = [-3213, -19431]
+    assert y.tolist() == [[-0.248046875, -3.0]]
+    ref = x @ w.T + b
+    assert np.allclose(y.astype(np.float32), ref, atol=0.02)
+
+
+def test_offset_form_equivalence():
+    """rint(x/s) + o == rint(x/s + o) for the integer offsets we produce (bar float ties)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 3, 100000).astype(np.float32)
+    s, o = nm.activation_qparams(-4.0, 9.0)
+    a = nm.quantize_activation(x, s, o)
+    b = np.clip(np.rint(x / s + np.float32(o)), -128, 127).astype(np.int8)
+    assert (a != b).mean() < 1e-4
+
+
+@pytest.mark.parametrize("lo,hi", [(-1.0, 1.0), (0.0, 6.0), (-0.01, 100.0)])
+def test_zero_exact(lo, hi):
+    s, o = nm.activation_qparams(lo, hi)
+    assert nm.dequantize_activation(nm.quantize_activation(0.0, s, o), s, o) == 0.0

@@ -1,0 +1,332 @@
+import json
+import os
+import zipfile
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+
+from dopt import DoptError, numerics as nm, params as P  # noqa: E402
+from dopt.dopt_torch.opt_main import (generate_config_file, generate_final_model,  # noqa: E402
+                                      get_quant_loss, optimize_model, set_calibrate_state)
+from dopt_adapters.torch import fake_quant as fq  # noqa: E402
+from dopt_adapters.torch.modules import quant_layers  # noqa: E402
+
+from tests.tiny_net import TinyNet, build  # noqa: E402
+
+CONV = "<class 'torch.nn.modules.conv.Conv2d'>"
+LIN = "<class 'torch.nn.modules.linear.Linear'>"
+
+
+def write_cfg(tmp_path, model, quantize="all", shape="x:1,3,16,16"):
+    gen = tmp_path / "config_gen.json"
+    generate_config_file(model, shape, dst_path=str(gen))
+    cfg = json.loads(gen.read_text())
+    for name, e in cfg["layer_strategy"].items():
+        if quantize == "all" or name in quantize:
+            e["quant_strategy"] = "Quant_INT8-8"
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(cfg))
+    return p
+
+
+def calibrated(tmp_path, n=64, seed=0):
+    model = build()
+    cfg = write_cfg(tmp_path, model)
+    q = optimize_model(model, str(cfg))
+    set_calibrate_state(q, True)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _ in range(4):
+            q(torch.randn(n // 4, 3, 16, 16, generator=g))
+    set_calibrate_state(q, False)
+    return q, cfg
+
+
+def test_config_matches_reference_format(tmp_path):
+    doc = generate_config_file(build(), "x:1,3,16,16", dst_path=str(tmp_path / "c.json"))
+    on_disk = json.loads((tmp_path / "c.json").read_text())
+    assert doc == on_disk
+    assert on_disk[f"quant_strategy_for op '{CONV}'"] == ["Quant_INT8-8"]
+    assert on_disk[f"quant_strategy_for op '{LIN}'"] == ["Quant_INT8-8"]
+    assert on_disk["input_shape"] == "x:1,3,16,16"
+    assert list(on_disk["layer_strategy"]) == ["conv1", "dw", "pw", "grouped", "fc"]
+    assert on_disk["layer_strategy"]["dw"] == {"op_type": CONV, "quant_strategy": "float"}
+    assert list(on_disk)[-1] == "layer_strategy"
+
+
+def test_torch_fake_quant_is_bit_exact_with_core():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(10000, generator=g) * 3
+    x[:5] = torch.tensor([0.5, 1.5, -2.5, 0.0, 100.0]) * (8 / 255)  # ties and clamp
+    lo, hi = torch.tensor(-2.0), torch.tensor(6.0)
+    s, o = fq.activation_qparams(lo, hi)
+    s_np, o_np = nm.activation_qparams(-2.0, 6.0)
+    assert s.item() == s_np and int(o.item()) == o_np
+    got = fq.fake_quant_activation(x, s, o).numpy()
+    assert np.array_equal(got, nm.fake_quant_activation(x.numpy(), s_np, o_np))
+    w = torch.randn(6, 4, 3, 3, generator=g)
+    w[2] = 0
+    sw = fq.weight_scales(w)
+    assert np.array_equal(sw.numpy(), nm.weight_scales(w.numpy()))
+    assert np.array_equal(fq.fake_quant_weight(w, sw).detach().numpy(),
+                          nm.fake_quant_weight(w.numpy(), sw.numpy()))
+    b = torch.randn(6, generator=g)
+    bq = fq.fake_quant_bias(b, s, sw).numpy()
+    ref = nm.quantize_bias(b.numpy(), s_np, sw.numpy()) * nm.bias_scales(s_np, sw.numpy())
+    assert np.array_equal(bq, ref.astype(np.float32))
+
+
+def test_fake_quant_gradients_ste_and_range():
+    x = torch.tensor([-5.0, 0.3, 2.0, 50.0], requires_grad=True)
+    lo = torch.tensor(-1.0, requires_grad=True)
+    hi = torch.tensor(4.0, requires_grad=True)
+    s, o = fq.activation_qparams(lo, hi)
+    y = fq.fake_quant_activation(x, s, o)
+    y.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0]  # straight through inside, zero outside
+    assert hi.grad.item() > 0 and lo.grad.item() > 0  # clipped 50 pulls hi up; clipped -5 pulls lo down (grad>0)
+
+
+def test_optimize_calibrate_and_fold(tmp_path):
+    q, _ = calibrated(tmp_path)
+    names = [n for n, _ in quant_layers(q)]
+    assert names == ["conv1", "dw", "pw", "grouped", "fc"]
+    layers = dict(quant_layers(q))
+    assert layers["conv1"].bn_name == "bn1" and layers["dw"].bn_name == "bn_dw"
+    assert layers["pw"].bn is None and layers["grouped"].bn_name == "bn2"
+    assert isinstance(q.bn1, torch.nn.Identity)
+    for _, m in quant_layers(q):
+        assert int(m.act.initialized) == 1 and m.act.hi.item() > m.act.lo.item()
+    # eval output with quantization disabled in spirit: close to the float model
+    ref = build().eval()
+    x = torch.randn(8, 3, 16, 16)
+    q.eval()
+    with torch.no_grad():
+        d = (q(x) - ref(x)).abs().max().item()
+    assert 0 < d < 0.1 * ref(x).abs().max().item()
+
+
+def test_calibration_min_max_equals_observed(tmp_path):
+    model = build()
+    cfg = write_cfg(tmp_path, model, quantize=["conv1"])
+    q = optimize_model(model, str(cfg))
+    set_calibrate_state(q, True)
+    xs = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    with torch.no_grad():
+        outs = [q(x) for x in xs]
+    set_calibrate_state(q, False)
+    act = q.conv1.act
+    assert act.lo.item() == pytest.approx(min(x.min().item() for x in xs))
+    assert act.hi.item() == pytest.approx(max(x.max().item() for x in xs))
+    # calibration forward passes are float: equal to the float model (BN running stats)
+    ref = build().eval()
+    with torch.no_grad():
+        assert torch.allclose(outs[0], ref(xs[0]), atol=1e-5)
+
+
+def test_qat_train_step_changes_ranges_and_weights(tmp_path):
+    q, _ = calibrated(tmp_path)
+    q.train()
+    opt = torch.optim.SGD(q.parameters(), lr=0.05)
+    hi0 = q.conv1.act.hi.item()
+    w0 = q.conv1.layer.weight.detach().clone()
+    rm0 = q.conv1.bn.running_mean.clone()
+    x, y = torch.randn(16, 3, 16, 16) * 2, torch.randint(0, 5, (16,))
+    loss = torch.nn.functional.cross_entropy(q(x), y) + 0.05 * get_quant_loss(q)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert q.conv1.act.hi.item() != hi0
+    assert not torch.equal(q.conv1.layer.weight, w0)
+    assert not torch.equal(q.conv1.bn.running_mean, rm0)  # BN statistics still update in QAT
+
+
+def test_quant_loss_zero_without_quantized_layers(tmp_path):
+    model = build()
+    cfg = write_cfg(tmp_path, model, quantize=[])
+    q = optimize_model(model, str(cfg))
+    loss = get_quant_loss(q)
+    assert float(loss) == 0.0
+    q2, _ = calibrated(tmp_path / "b" if (tmp_path / "b").mkdir() is None else tmp_path)
+    ql = get_quant_loss(q2)
+    assert 0 < float(ql) < 0.25 and ql.requires_grad
+
+
+def test_checkpoint_round_trip(tmp_path):
+    q, cfg = calibrated(tmp_path)
+    q.eval()
+    pth = tmp_path / "quant.pth"
+    torch.save(q.state_dict(), pth)
+    q2 = optimize_model(build(), str(cfg))
+    q2.load_state_dict(torch.load(pth, weights_only=True))
+    q2.eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(q(x), q2(x))
+
+
+def test_generate_final_model_outputs(tmp_path):
+    q, cfg = calibrated(tmp_path)
+    pth = tmp_path / "quant.pth"
+    torch.save(q.state_dict(), pth)
+    out = tmp_path / "final"
+    files = generate_final_model(build(), str(cfg), pth_file=str(pth), output_dir=str(out))
+    assert sorted(os.listdir(out)) == ["model_fused.onnx", "model_qdq.onnx", "quant_param.json"]
+    fused = onnx.load(files["float_onnx"])
+    ops = [n.op_type for n in fused.graph.node]
+    assert "BatchNormalization" not in ops
+    names = {n.name for n in fused.graph.node}
+    assert {"conv1", "dw", "pw", "grouped", "fc"} <= names
+    doc = P.read_params(files["param_file"])
+    assert set(doc["layers"]) == {"conv1", "dw", "pw", "grouped", "fc"}
+    rec = doc["layers"]["conv1"]
+    assert rec["folded_bn"] == "bn1" and len(rec["weight"]["scales"]) == 8
+    s, o = q.conv1.act.qparams()
+    assert rec["input"]["scale"] == s.item() and rec["input"]["offset"] == int(o.item())
+    # QDQ on ONNX Runtime agrees with the fake-quant model on fresh inputs
+    qdq = onnx.load(files["qdq_onnx"])
+    assert qdq.opset_import[0].version >= 13
+    assert sum(n.op_type == "QuantizeLinear" for n in qdq.graph.node) == 5
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(files["qdq_onnx"], so, providers=["CPUExecutionProvider"])
+    x = torch.randn(32, 3, 16, 16)
+    q.eval()
+    with torch.no_grad():
+        ref = q(x).numpy()
+    got = sess.run(None, {"x": x.numpy()})[0]
+    assert (ref.argmax(1) == got.argmax(1)).mean() >= 0.99
+    assert np.abs(ref - got).max() <= 0.02 * np.abs(ref).max()
+
+
+def test_param_file_round_trips_exactly(tmp_path):
+    q, cfg = calibrated(tmp_path)
+    torch.save(q.state_dict(), tmp_path / "quant.pth")
+    files = generate_final_model(build(), str(cfg), str(tmp_path / "quant.pth"), str(tmp_path / "o"))
+    doc = P.read_params(files["param_file"])
+    P.write_params(tmp_path / "again.json", doc)
+    assert P.read_params(tmp_path / "again.json") == doc
+    assert (tmp_path / "again.json").read_bytes() == open(files["param_file"], "rb").read()
+    s = doc["layers"]["dw"]["weight"]["scales"]
+    assert all(np.float32(v) == v for v in s)  # exact float32 values
+
+
+# ---- bad inputs: one-paragraph errors, nothing written ----
+
+def _err(fn, *a, **k):
+    with pytest.raises(DoptError) as ei:
+        fn(*a, **k)
+    msg = str(ei.value)
+    assert "\n" not in msg and "Traceback" not in msg
+    return msg
+
+
+def test_config_names_missing_layer(tmp_path):
+    cfg = write_cfg(tmp_path, build())
+    doc = json.loads(cfg.read_text())
+    doc["layer_strategy"]["conv9"] = {"op_type": CONV, "quant_strategy": "Quant_INT8-8"}
+    cfg.write_text(json.dumps(doc))
+    msg = _err(optimize_model, build(), str(cfg))
+    assert "conv9" in msg and str(cfg) in msg and "layer_strategy.conv9" in msg
+
+
+def test_config_unknown_strategy(tmp_path):
+    cfg = write_cfg(tmp_path, build())
+    doc = json.loads(cfg.read_text())
+    doc["layer_strategy"]["fc"]["quant_strategy"] = "Quant_INT4-4"
+    cfg.write_text(json.dumps(doc))
+    msg = _err(optimize_model, build(), str(cfg))
+    assert "Quant_INT4-4" in msg and "layer_strategy.fc.quant_strategy" in msg
+
+
+def test_config_bad_json_gives_line_and_column(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text('{\n  "layer_strategy": {,}\n}')
+    msg = _err(optimize_model, build(), str(p))
+    assert "line 2" in msg and "column" in msg and str(p) in msg
+
+
+def test_config_op_type_mismatch(tmp_path):
+    cfg = write_cfg(tmp_path, build())
+    doc = json.loads(cfg.read_text())
+    doc["layer_strategy"]["fc"]["op_type"] = CONV
+    cfg.write_text(json.dumps(doc))
+    assert "layer_strategy.fc.op_type" in _err(optimize_model, build(), str(cfg))
+
+
+@pytest.mark.parametrize("shape", ["x:1,3,a,16", "x1,3,16,16", "y:1,3,16,16", "x:1,3,0,16", ""])
+def test_wrong_input_shape(tmp_path, shape):
+    msg = _err(generate_config_file, build(), shape, dst_path=str(tmp_path / "c.json"))
+    assert "input_shape" in msg
+    assert not (tmp_path / "c.json").exists()
+
+
+def _final_err(tmp_path, pth):
+    q, cfg = calibrated(tmp_path)
+    out = tmp_path / "final"
+    msg = _err(generate_final_model, build(), str(cfg), pth_file=str(pth), output_dir=str(out))
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".dopt")]
+    return msg
+
+
+def test_corrupt_pth(tmp_path):
+    pth = tmp_path / "quant.pth"
+    pth.write_bytes(b"PK\x03\x04 definitely not a checkpoint")
+    msg = _final_err(tmp_path, pth)
+    assert str(pth) in msg and "not a readable PyTorch checkpoint" in msg
+
+
+def test_truncated_pth(tmp_path):
+    q, _ = calibrated(tmp_path)
+    full = tmp_path / "full.pth"
+    torch.save(q.state_dict(), full)
+    pth = tmp_path / "quant.pth"
+    pth.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    assert str(pth) in _final_err(tmp_path, pth)
+
+
+def test_pth_not_a_state_dict(tmp_path):
+    pth = tmp_path / "quant.pth"
+    torch.save([torch.zeros(3)], pth)
+    msg = _final_err(tmp_path, pth)
+    assert "state dict" in msg and str(pth) in msg
+
+
+def test_pth_with_pickled_code_is_refused(tmp_path):
+    pth = tmp_path / "quant.pth"
+    torch.save({"x": torch.nn.ReLU()}, pth)  # arbitrary object: never unpickled
+    assert "not a readable PyTorch checkpoint" in _final_err(tmp_path, pth)
+
+
+def test_float_checkpoint_instead_of_quant(tmp_path):
+    pth = tmp_path / "float.pth"
+    torch.save(build().state_dict(), pth)
+    msg = _final_err(tmp_path, pth)
+    assert "does not match the quantized model" in msg and "float checkpoint" in msg
+
+
+def test_uncalibrated_checkpoint(tmp_path):
+    model = build()
+    cfg = write_cfg(tmp_path, model)
+    q = optimize_model(model, str(cfg))
+    pth = tmp_path / "quant.pth"
+    torch.save(q.state_dict(), pth)
+    msg = _err(generate_final_model, build(), str(cfg), pth_file=str(pth),
+               output_dir=str(tmp_path / "out"))
+    assert "no activation range" in msg and not (tmp_path / "out").exists()
+
+
+def test_ddp_wrapped_model_rejected_by_optimize(tmp_path):
+    cfg = write_cfg(tmp_path, build())
+    wrapped = torch.nn.DataParallel(build())
+    assert "DataParallel" in _err(optimize_model, wrapped, str(cfg))
+
+
+def test_non_module_rejected():
+    msg = _err(generate_config_file, object(), "x:1,3,16,16")
+    assert "torch.nn.Module" in msg

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata as md
+import os
 import warnings
 
 import pluggy
@@ -30,6 +31,9 @@ def get_plugin_manager() -> pluggy.PluginManager:
     pm.add_hookspecs(hookspecs)
     pm.register(_Builtins(), name="dopt.builtins")
     pm.broken = {}
+    # DOPT_DISABLE_PLUGINS=name1,name2 blocks entry points (like pytest's -p no:name)
+    for name in filter(None, os.environ.get("DOPT_DISABLE_PLUGINS", "").split(",")):
+        pm.set_blocked(name.strip())
     for ep in md.entry_points(group=hookspecs.PROJECT):
         if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
             continue

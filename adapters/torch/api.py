@@ -125,6 +125,19 @@ def set_calibrate_state(model, calibrate: bool):
     return model
 
 
+def freeze_bn_stats(model, freeze: bool = True):
+    """Stop (or resume) BN statistics updates in folded conv layers during QAT.
+
+    Frozen, a folded layer computes exactly the exported convolution (running
+    statistics folded in), the usual second phase of QAT.
+    """
+    inner = unwrap(model)
+    for _, q in quant_layers(inner):
+        if isinstance(q, QuantConv2d):
+            q.freeze_bn_stats = bool(freeze)
+    return model
+
+
 def get_quant_loss(model):
     """Mean squared weight rounding error in units of each layer's quantization step.
 

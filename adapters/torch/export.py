@@ -182,8 +182,8 @@ def generate_final_model(model, config_file, pth_file, output_dir):
         _wq, _bq, s_w = q.quantized_params()
         doc["layers"][name] = {
             "op_type": node.op_type, "strategy": "Quant_INT8-8", "source_layer": name,
-            "input": {"tensor": node.input[0], "bits": 8, "scale": float(scale.item()),
-                      "offset": int(offset.item()),
+            "input": {"tensor": node.input[0], "bits": 8, "scale": scale,
+                      "offset": int(offset),
                       "range": [float(q.act.lo.item()), float(q.act.hi.item())],
                       "algorithm": q.act.algorithm},
             "weight": {"tensor": node.input[1], "bits": 8, "per_channel": True,

@@ -1,54 +1,78 @@
 """Torch fake-quant with exactly the arithmetic of ``dopt.numerics`` (float32, half-to-even).
 
-Activations use a fused autograd function (one saved float and one saved mask
-per element) with LSQ-style gradients to the range; weights and biases use a
-straight-through estimator with scales treated as constants.
+Scalar quantization parameters come from the core itself (``numerics.activation_qparams``),
+so they are the core's values by construction. Activations use one fused autograd node
+with LSQ-style gradients to the learnable range ``(lo, hi)``, recomputing its masks from the
+saved input in backward (the input is kept alive by the layer anyway); weights use one
+straight-through node. Few tensor ops per layer keep QAT close to float training speed.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from dopt import numerics as nm
 
 QMIN, QMAX = float(nm.ACT_QMIN), float(nm.ACT_QMAX)
+LEVELS = float(nm.ACT_LEVELS)
+
+
+def activation_qparams_float(lo: float, hi: float) -> tuple[float, float]:
+    """(scale, offset) as Python floats holding the core's exact float32 values."""
+    s, o = nm.activation_qparams(np.float32(lo), np.float32(hi))
+    return float(s), float(o)
+
+
+def _quant_dequant(x, s: float, o: float):
+    # (clamp(rint(x/s) + o, qmin, qmax) - o) * s, in four passes: with integer o this is
+    # clamp(rint(x/s), qmin - o, qmax - o) * s exactly
+    return torch.div(x, s).round_().clamp_(QMIN - o, QMAX - o).mul_(s)
 
 
 class _FakeQuantAct(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, offset):
-        v = x / scale
-        r = torch.round(v)            # half to even, like numpy.rint
-        q = r + offset
-        qc = q.clamp(QMIN, QMAX)
-        inside = q.eq(qc)
-        # d out / d scale: (r - v) inside the range, (q_clamped - o) outside (LSQ)
-        ctx.save_for_backward(inside, torch.where(inside, r - v, qc - offset), scale)
-        return (qc - offset) * scale
+    def forward(ctx, x, lo, hi):
+        lo_f, hi_f = float(lo), float(hi)
+        s, o = activation_qparams_float(lo_f, hi_f)
+        out = _quant_dequant(x, s, o)
+        # the output is the next layer's input, kept alive by it anyway: saving it is free
+        ctx.save_for_backward(x, out)
+        ctx.q = (lo_f, hi_f, s, o)
+        return out
 
     @staticmethod
     def backward(ctx, g):
-        inside, ds, scale = ctx.saved_tensors
-        gx = g * inside
-        gs = (g * ds).sum().reshape(scale.shape)
-        go = ((g * (~inside)).sum() * -scale).reshape(scale.shape)
-        return gx, gs, go
+        x, out = ctx.saved_tensors
+        lo, hi, s, o = ctx.q
+        # LSQ gradients from d = x~ - x: inside the range |d| <= s/2 and d/s = rint(x/s) - x/s;
+        # a clamped element has x~ = (q_clamped - o) * s. So, per element,
+        #   dx~/dx = [inside],  dx~/ds = (inside ? d : x~) / s,  dx~/do = -s [outside]
+        d = out - x
+        inside = torch.le(d.abs(), 0.5 * s)
+        gx = torch.where(inside, g, 0.0)
+        torch.where(inside, d, out, out=d)
+        gs = float(torch.dot(g.reshape(-1), d.reshape(-1))) / s
+        go = -s * (float(g.sum()) - float(gx.sum()))
+        # chain to lo/hi: s = (hi' - lo') / 255, o = clamp(rint(-128 - lo'/s)) with a
+        # straight-through rint; lo' = min(lo, 0), hi' = max(hi, 0)
+        lo_c = min(lo, 0.0)
+        live = s > nm.MIN_SCALE
+        o_free = live and QMIN < round(-128.0 - lo_c / s) < QMAX
+        ds_dhi = 1.0 / LEVELS if hi > 0 and live else 0.0
+        ds_dlo = -1.0 / LEVELS if lo < 0 and live else 0.0
+        do_ds = lo_c / (s * s) if o_free else 0.0
+        do_dlo = -1.0 / s if (o_free and lo < 0) else 0.0
+        g_hi = gs * ds_dhi + go * do_ds * ds_dhi
+        g_lo = gs * ds_dlo + go * (do_dlo + do_ds * ds_dlo)
+        dev = x.device
+        return (gx if ctx.needs_input_grad[0] else None,
+                torch.tensor(g_lo, dtype=torch.float32, device=dev),
+                torch.tensor(g_hi, dtype=torch.float32, device=dev))
 
 
-def fake_quant_activation(x, scale, offset):
-    return _FakeQuantAct.apply(x, scale, offset)
-
-
-def ste_round(x):
-    return x + (torch.round(x) - x).detach()
-
-
-def activation_qparams(lo, hi):
-    """Torch twin of ``numerics.activation_qparams`` (differentiable, offset STE-rounded)."""
-    lo = lo.clamp(max=0.0)
-    hi = hi.clamp(min=0.0)
-    scale = ((hi - lo) / float(nm.ACT_LEVELS)).clamp(min=nm.MIN_SCALE)
-    offset = ste_round(QMIN - lo / scale).clamp(QMIN, QMAX)
-    return scale, offset
+def fake_quant_activation(x, lo, hi):
+    """Fake-quantize ``x`` with the range parameters ``lo``/``hi`` (0-d tensors)."""
+    return _FakeQuantAct.apply(x, lo, hi)
 
 
 def weight_scales(w):
@@ -58,13 +82,22 @@ def weight_scales(w):
         return torch.where(amax > 0, amax / float(nm.W_QMAX), torch.ones_like(amax))
 
 
+class _FakeQuantWeight(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, scales):
+        s = scales.reshape([-1] + [1] * (w.dim() - 1))
+        return torch.round(w / s).clamp_(-nm.W_QMAX, nm.W_QMAX).mul_(s)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
 def fake_quant_weight(w, scales):
-    s = scales.reshape([-1] + [1] * (w.dim() - 1))
-    wq = (torch.round(w.detach() / s).clamp(-nm.W_QMAX, nm.W_QMAX)) * s
-    return w + (wq - w).detach()
+    return _FakeQuantWeight.apply(w, scales)
 
 
-def fake_quant_bias(b, act_scale, w_scales):
-    bs = (act_scale.detach() * w_scales)
-    bq = torch.round(b.detach() / bs).clamp(nm.INT32_MIN, nm.INT32_MAX) * bs
+def fake_quant_bias(b, act_scale: float, w_scales):
+    bs = w_scales * act_scale  # float32 product, like numerics.bias_scales
+    bq = torch.round(b.detach() / bs).clamp_(nm.INT32_MIN, nm.INT32_MAX).mul_(bs)
     return b + (bq - b).detach()

@@ -5,8 +5,9 @@ convolution, the BatchNorm that follows it) so parameter and buffer values carry
 over, an input ``ActQuantizer`` and per-channel weight fake-quant.
 
 BatchNorm folding follows the usual simulated-folding scheme: in training the
-convolution runs with the folded, quantized weight and is rescaled so BN can
-normalise with batch statistics (running statistics keep updating); in eval, or
+convolution runs with the folded, quantized weight rescaled by ``1/f`` (``f = gamma /
+sigma``) so BN normalises the unfolded output with batch statistics (running
+statistics keep updating); in eval, or
 once ``freeze_bn_stats`` is set, it computes exactly the folded layer that is
 exported - weight ``w * gamma / sigma``, bias ``beta + (b - mu) * gamma / sigma``,
 int32-quantized bias.
@@ -65,8 +66,9 @@ class ActQuantizer(nn.Module):
             self.initialized.fill_(1)
         return True
 
-    def qparams(self):
-        return fq.activation_qparams(self.lo, self.hi)
+    def qparams(self) -> tuple[float, float]:
+        """(scale, offset) now in force, the core's exact float32 values."""
+        return fq.activation_qparams_float(self.lo.item(), self.hi.item())
 
     def forward(self, x):
         if self.calibrating:
@@ -77,8 +79,7 @@ class ActQuantizer(nn.Module):
             self.start_calibration()
             self.observer.update(x.detach().float().cpu().numpy())
             self.finish_calibration()
-        scale, offset = self.qparams()
-        return fq.fake_quant_activation(x, scale, offset)
+        return fq.fake_quant_activation(x, self.lo, self.hi)
 
 
 class _QuantLayer(nn.Module):
@@ -159,13 +160,12 @@ class QuantConv2d(_QuantLayer):
             return y
         x = self.act(x)
         if self.bn is not None and self.training and not self.freeze_bn_stats:
-            f = self._bn_factor()
-            w = self.layer.weight * f.reshape(-1, 1, 1, 1)
-            wq = fq.fake_quant_weight(w, fq.weight_scales(w))
-            y = self._conv(x, wq, None) / f.reshape(1, -1, 1, 1)
-            if self.layer.bias is not None:
-                y = y + self.layer.bias.reshape(1, -1, 1, 1)
-            return self.bn(y)
+            # conv(x, fq(w*f)) / f, with the per-channel 1/f applied to the (small) weight
+            # instead of the (large) activation: BN then sees the unfolded conv output
+            f = self._bn_factor().reshape(-1, 1, 1, 1)
+            w = self.layer.weight * f
+            wq = fq.fake_quant_weight(w, fq.weight_scales(w)) / f
+            return self.bn(self._conv(x, wq, self.layer.bias))
         wq, bq, _ = self.quantized_params()
         return self._conv(x, wq, bq)
 

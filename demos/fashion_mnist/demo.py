@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from dopt import onnx_qdq
 from dopt.dopt_torch.opt_main import (generate_config_file, generate_final_model,
-                                      get_quant_loss, optimize_model, set_calibrate_state)
+                                      freeze_bn_stats, get_quant_loss, optimize_model,
+                                      set_calibrate_state)
 
 from . import data, models
 
@@ -40,7 +41,7 @@ def predict(model, x, batch=500, desc=None) -> np.ndarray:
     model.eval()
     out = []
     with torch.no_grad():
-        for i in tqdm(range(0, len(x), batch), desc=desc, leave=False, disable=desc is None):
+        for i in tqdm(range(0, len(x), batch), desc=desc, leave=False, disable=None if desc else True):
             out.append(model(torch.from_numpy(x[i:i + batch])).argmax(1).numpy())
     return np.concatenate(out)
 
@@ -62,6 +63,8 @@ def main(argv=None):
                     help="passes over the 12k shipped training images")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--freeze-bn-at", type=float, default=0.5,
+                    help="fraction of QAT after which BN statistics are frozen")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     torch.manual_seed(a.seed)
@@ -95,7 +98,7 @@ def main(argv=None):
     set_calibrate_state(qmodel, True)
     calib = xtr[rng.permutation(len(xtr))[:a.calib_samples]]
     with torch.no_grad():
-        for i in tqdm(range(0, len(calib), 128), desc="calibrate", leave=False):
+        for i in tqdm(range(0, len(calib), 128), desc="calibrate", leave=False, disable=None):
             qmodel(torch.from_numpy(calib[i:i + 128]))
     set_calibrate_state(qmodel, False)
     t_cal = time.time() - t
@@ -107,11 +110,14 @@ def main(argv=None):
     # step 2b: short QAT in an ordinary training loop
     opt = torch.optim.Adam(qmodel.parameters(), lr=a.lr)
     steps = int(a.qat_epochs * len(xtr) / a.batch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
     t = time.time()
     qmodel.train()
     done = 0
     try:
-        for step in tqdm(range(steps), desc="QAT", leave=False):
+        for step in tqdm(range(steps), desc="QAT", leave=False, disable=None):
+            if step == int(a.freeze_bn_at * steps):
+                freeze_bn_stats(qmodel)
             idx = rng.integers(0, len(xtr), a.batch)
             xb = torch.from_numpy(xtr[idx])
             loss = F.cross_entropy(qmodel(xb), torch.from_numpy(ytr[idx]))
@@ -119,6 +125,7 @@ def main(argv=None):
             opt.zero_grad()
             total.backward()
             opt.step()
+            sched.step()
             done = step + 1
     except KeyboardInterrupt:
         print(f"\ninterrupted: keeping the {done} QAT steps done so far")

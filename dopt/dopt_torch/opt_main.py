@@ -8,7 +8,7 @@ from __future__ import annotations
 from ..plugin_manager import call
 
 __all__ = ["generate_config_file", "optimize_model", "set_calibrate_state", "get_quant_loss",
-           "generate_final_model"]
+           "generate_final_model", "freeze_bn_stats"]
 
 
 def generate_config_file(model, input_shape, dst_path="./config_gen.json"):
@@ -31,3 +31,11 @@ def get_quant_loss(quant_model):
 def generate_final_model(model, config_file, pth_file="quant.pth", output_dir="./"):
     return call("generate_final_model", model, want="torch", config_file=config_file,
                 weights_file=pth_file, output_dir=output_dir, options={})
+
+
+def freeze_bn_stats(quant_model, freeze=True):
+    """dopt addition: freeze BatchNorm statistics of folded layers (second phase of QAT)."""
+    from ..plugin_manager import adapter_for
+    adapter_for(quant_model, want="torch")
+    from dopt_adapters.torch.api import freeze_bn_stats as impl
+    return impl(quant_model, freeze)

@@ -1,0 +1,206 @@
+"""PyTorch plugin-mode benchmark on Fashion-MNIST (ResNet-style and MobileNetV2-style).
+
+    python -m bench.bench_torch_qat --data ../shared/data/fashion-mnist [--models resnet8]
+
+For each network: float accuracy; dopt calibration only (min/max, 1024 images);
+dopt QAT (1 epoch over the 60k training set); ONNX Runtime ``quantize_static``
+(QDQ, per-channel, MinMax, same 1024 images) as the peer; QAT step time vs float
+training step time; calibration wall time and peak RSS growth for 256 vs 2048
+samples. Writes bench/out/torch_qat.json and prints a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from demos.fashion_mnist import data, demo, models
+from dopt import onnx_qdq
+from dopt.dopt_torch.opt_main import (freeze_bn_stats, generate_config_file, generate_final_model,
+                                      optimize_model, set_calibrate_state)
+
+from .memwatch import PeakRSS
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def int8_config(model, dst: Path) -> Path:
+    generate_config_file(model, "x:1,1,28,28", dst_path=str(dst / "gen.json"))
+    cfg = json.loads((dst / "gen.json").read_text())
+    for e in cfg["layer_strategy"].values():
+        e["quant_strategy"] = "Quant_INT8-8"
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst / "config.json"
+
+
+def calibrate(model, cfg, calib):
+    q = optimize_model(model, str(cfg))
+    set_calibrate_state(q, True)
+    with torch.no_grad():
+        for i in range(0, len(calib), 128):
+            q(torch.from_numpy(calib[i:i + 128]))
+    set_calibrate_state(q, False)
+    return q
+
+
+def acc(pred, y):
+    return float(100 * (pred == y).mean())
+
+
+def step_time(model, xtr, ytr, steps=40, batch=64, seed=0):
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5)
+    model.train()
+    times = []
+    for s in range(steps + 5):
+        idx = rng.integers(0, len(xtr), batch)
+        t = time.perf_counter()
+        loss = F.cross_entropy(model(torch.from_numpy(xtr[idx])), torch.from_numpy(ytr[idx]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if s >= 5:
+            times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def qat(q, xtr, ytr, epochs=1.0, lr=1e-4, batch=64, seed=0):
+    rng = np.random.default_rng(seed)
+    opt = torch.optim.Adam(q.parameters(), lr=lr)
+    steps = int(epochs * len(xtr) / batch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    q.train()
+    for s in range(steps):
+        if s == steps // 2:
+            freeze_bn_stats(q)
+        idx = rng.integers(0, len(xtr), batch)
+        xb = torch.from_numpy(xtr[idx])
+        if rng.random() < 0.5:
+            xb = xb.flip(3)  # the float training's augmentation
+        loss = F.cross_entropy(q(xb), torch.from_numpy(ytr[idx]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return q
+
+
+class _Reader:
+    def __init__(self, x):
+        self.it = iter([{"x": x[i:i + 1]} for i in range(len(x))])
+
+    def get_next(self):
+        return next(self.it, None)
+
+
+def ort_static(model, calib, work: Path, method: str = "MinMax"):
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    fp = work / "float.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.from_numpy(calib[:1]),), str(fp), dynamo=False,
+                          opset_version=17, input_names=["x"],
+                          dynamic_axes={"x": {0: "batch"}})
+    qp = work / f"ort_{method}.onnx"
+    t = time.perf_counter()
+    with PeakRSS() as mem:
+        quantize_static(str(fp), str(qp), _Reader(calib), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8,
+                        calibrate_method=getattr(CalibrationMethod, method))
+    return qp, time.perf_counter() - t, mem.delta_mib
+
+
+def predict_onnx(path, x, optimize=True, batch=500):
+    sess = onnx_qdq.ort_session(str(path), optimize=optimize)
+    return np.concatenate([sess.run(None, {"x": x[i:i + batch]})[0].argmax(1)
+                           for i in range(0, len(x), batch)])
+
+
+def run_model(name, a, xtr, ytr, xte, yte):
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    calib = xtr[rng.permutation(len(xtr))[:a.calib]]
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+    float_model = demo.build_float(name)
+    r = {"model": name, "params": sum(p.numel() for p in float_model.parameters())}
+    r["float"] = acc(demo.predict(float_model, xte), yte)
+    cfg = int8_config(float_model, work)
+
+    t = time.perf_counter()
+    q = calibrate(demo.build_float(name), cfg, calib)
+    r["calib_time_s"] = time.perf_counter() - t
+    r["calibrated"] = acc(demo.predict(q, xte), yte)
+    for n in (256, 2048):
+        with PeakRSS() as mem:
+            calibrate(demo.build_float(name), cfg, xtr[:n])
+        r[f"calib_peak_mib_{n}"] = mem.delta_mib
+
+    qp, t_ort, mem_ort = ort_static(demo.build_float(name), calib, work)
+    r["ort_minmax"] = acc(predict_onnx(qp, xte), yte)
+    r["ort_calib_time_s"] = t_ort
+    r["ort_calib_peak_mib"] = mem_ort
+
+    r["float_step_s"] = step_time(demo.build_float(name), xtr, ytr)
+    r["qat_step_s"] = step_time(calibrate(demo.build_float(name), cfg, calib), xtr, ytr)
+    r["qat_step_ratio"] = r["qat_step_s"] / r["float_step_s"]
+
+    t = time.perf_counter()
+    qat(q, xtr, ytr, epochs=a.qat_epochs, lr=a.lr)
+    r["qat_time_s"] = time.perf_counter() - t
+    pred_q = demo.predict(q, xte)
+    r["qat"] = acc(pred_q, yte)
+    pth = work / "quant.pth"
+    torch.save(q.state_dict(), pth)
+    files = generate_final_model(models.build(name), str(cfg), str(pth), str(work / "final"))
+    pred_qdq = predict_onnx(files["qdq_onnx"], xte, optimize=False)
+    r["qdq_agreement"] = float(100 * (pred_qdq == pred_q).mean())
+    r["qdq_ort"] = acc(pred_qdq, yte)
+    return r
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="folder with the full Fashion-MNIST files")
+    ap.add_argument("--models", nargs="+", default=["resnet8", "mobilenetv2s"])
+    ap.add_argument("--calib", type=int, default=1024)
+    ap.add_argument("--qat-epochs", type=float, default=1.0)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    xtr, ytr = data.load("train", a.data)
+    xte, yte = data.load("test", a.data)
+    rows = []
+    for name in a.models:
+        r = run_model(name, a, xtr, ytr, xte, yte)
+        print(json.dumps(r), flush=True)
+        rows.append(r)
+    OUT.mkdir(exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+            "cpus": torch.get_num_threads(), "torch": torch.__version__}
+    (OUT / "torch_qat.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print("\n| model | float | dopt calib | dopt QAT | ORT quantize_static | QDQ agreement | "
+          "QAT step / float step | calib time dopt / ORT | calib peak MiB 256 / 2048 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['float']:.2f} | {r['calibrated']:.2f} "
+              f"({r['calibrated'] - r['float']:+.2f}) | {r['qat']:.2f} ({r['qat'] - r['float']:+.2f})"
+              f" | {r['ort_minmax']:.2f} ({r['ort_minmax'] - r['float']:+.2f}) | "
+              f"{r['qdq_agreement']:.2f}% | {r['qat_step_ratio']:.2f}x | "
+              f"{r['calib_time_s']:.2f}s / {r['ort_calib_time_s']:.2f}s | "
+              f"{r['calib_peak_mib_256']:.0f} / {r['calib_peak_mib_2048']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

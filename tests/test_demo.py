@@ -1,0 +1,25 @@
+"""The README's main job, end to end on the shipped data."""
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+from demos.fashion_mnist import demo  # noqa: E402
+
+
+def test_demo_resnet8_short(tmp_path):
+    r = demo.main(["--model", "resnet8", "--qat-epochs", "0.1", "--out", str(tmp_path / "out")])
+    assert r["float"] > 90.0
+    assert r["calibrated"] >= r["float"] - 0.5
+    assert r["agreement"] >= 99.9
+    final = tmp_path / "out" / "final"
+    assert {p.name for p in final.iterdir()} == {"model_fused.onnx", "model_qdq.onnx",
+                                                 "quant_param.json"}
+
+
+@pytest.mark.slow
+def test_demo_default_mobilenetv2_meets_bars(tmp_path):
+    r = demo.main(["--out", str(tmp_path / "out")])
+    assert r["calibrated"] >= r["float"] - 1.0
+    assert r["qat"] >= r["float"] - 0.3
+    assert r["agreement"] >= 99.9

@@ -329,3 +329,21 @@ def test_ddp_wrapped_model_rejected_by_optimize(tmp_path):
 def test_non_module_rejected():
     msg = _err(generate_config_file, object(), "x:1,3,16,16")
     assert "torch.nn.Module" in msg
+
+
+def test_export_check_catches_a_wrong_qdq_model(tmp_path, monkeypatch):
+    """The post-export ONNX Runtime check is an error, not a warning."""
+    from dopt import onnx_qdq
+    q, cfg = calibrated(tmp_path)
+    torch.save(q.state_dict(), tmp_path / "quant.pth")
+    real = onnx_qdq.build_qdq
+
+    def skewed(model, doc):
+        doc = json.loads(json.dumps(doc))
+        doc["layers"]["conv1"]["input"]["scale"] *= 3.0
+        return real(model, doc)
+    monkeypatch.setattr(onnx_qdq, "build_qdq", skewed)
+    out = tmp_path / "final"
+    msg = _err(generate_final_model, build(), str(cfg), pth_file=str(tmp_path / "quant.pth"),
+               output_dir=str(out))
+    assert "does not reproduce the fake-quant model" in msg and not out.exists()

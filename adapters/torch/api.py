@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 from torch import nn
@@ -11,7 +12,7 @@ from dopt.config import (check_against_model, format_input_shape, load_config,
                          parse_input_shape, write_config)
 from dopt.errors import DoptError
 
-from . import layers as L
+from . import fake_quant as fq, layers as L
 from .modules import ActQuantizer, QuantConv2d, QuantLinear, quant_layers
 
 INFO_ATTR = "dopt_quant_info"
@@ -119,7 +120,6 @@ def set_calibrate_state(model, calibrate: bool):
         elif q.act.calibrating and not q.act.finish_calibration():
             uncalibrated.append(name)
     if uncalibrated:
-        import warnings
         warnings.warn("dopt: no calibration data reached layer(s) "
                       f"{', '.join(uncalibrated)}; their ranges stay unset", stacklevel=3)
     return model
@@ -152,7 +152,6 @@ def get_quant_loss(model):
     terms = []
     for _, q in quant_layers(inner):
         w, _b = q.folded()
-        from . import fake_quant as fq
         s = fq.weight_scales(w).reshape([-1] + [1] * (w.dim() - 1))
         err = (w - torch.round(w.detach() / s).clamp(-127, 127) * s) / s
         terms.append(err.pow(2).mean())

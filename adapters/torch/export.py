@@ -30,10 +30,11 @@ QDQ_NAME = "model_qdq.onnx"
 PARAM_NAME = "quant_param.json"
 OPSET = 17
 CHECK_SAMPLES = 16
-# QDQ vs fake-quant: max |diff| over outputs <= QDQ_RTOL * max|reference| + QDQ_ATOL.
-# A rounding tie resolved differently after float re-association moves one activation
-# by one step; the tolerance admits a few such flips, not a wrong scale or offset.
-QDQ_RTOL, QDQ_ATOL = 2e-2, 1e-4
+# QDQ vs fake-quant: max|diff| <= QDQ_RTOL * max|ref| + QDQ_ATOL and mean|diff| <=
+# QDQ_MEAN_RTOL * mean|ref| + QDQ_ATOL. A rounding tie resolved differently after float
+# re-association moves one activation by one step and spreads downstream (seen: mean 0.08 %,
+# max 0.6 % on the MobileNetV2-style demo); a wrong scale or offset shows everywhere.
+QDQ_RTOL, QDQ_MEAN_RTOL, QDQ_ATOL = 2e-2, 2.5e-3, 1e-4
 FUSE_RTOL, FUSE_ATOL = 1e-4, 1e-5
 
 
@@ -66,7 +67,7 @@ def _unfused_float(qmodel: nn.Module) -> nn.Module:
     return ref.eval()
 
 
-def _export_onnx(model, sample: dict, path: Path):
+def _export_onnx(model, sample: dict):
     names = list(sample)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -76,7 +77,7 @@ def _export_onnx(model, sample: dict, path: Path):
                           dynamic_axes={n: {0: "batch"} for n in names})
     import onnx
     m = onnx.load_from_string(buf.getvalue())
-    for i, o in enumerate(m.graph.output):
+    for o in m.graph.output:
         if o.type.tensor_type.shape.dim:
             o.type.tensor_type.shape.dim[0].dim_param = "batch"
     return m
@@ -127,14 +128,21 @@ def _run_torch(model, sample):
     return [o.detach().numpy() for o in outs]
 
 
-def _compare(ref, got, rtol, atol):
+def _compare(ref, got, rtol, atol, mean_rtol=None) -> float:
+    """Worst ratio of error to tolerance over the outputs (> 1 fails).
+
+    ``max|ref - got| <= rtol * max|ref| + atol`` and, if given,
+    ``mean|ref - got| <= mean_rtol * mean|ref| + atol``.
+    """
     worst = 0.0
     for r, g in zip(ref, got):
         if r.shape != g.shape:
-            return float("inf"), 0.0
-        tol = rtol * float(np.abs(r).max()) + atol
-        worst = max(worst, float(np.abs(r - g).max()) / tol if tol else 0.0)
-    return worst, 0.0
+            return float("inf")
+        d = np.abs(r - g)
+        worst = max(worst, float(d.max()) / (rtol * float(np.abs(r).max()) + atol))
+        if mean_rtol is not None:
+            worst = max(worst, float(d.mean()) / (mean_rtol * float(np.abs(r).mean()) + atol))
+    return worst
 
 
 def generate_final_model(model, config_file, pth_file, output_dir):
@@ -164,7 +172,7 @@ def generate_final_model(model, config_file, pth_file, output_dir):
     sample = {k: torch.randn((CHECK_SAMPLES,) + tuple(v[1:]), generator=gen)
               for k, v in shapes.items()}
     deploy = _deploy_model(qmodel)
-    fused = _export_onnx(deploy, sample, None)
+    fused = _export_onnx(deploy, sample)
     all_layers = list(L.quantizable_layers(deploy))
     placed = _name_layers(fused, all_layers)
     lost = [n for n in quantized if n not in placed]
@@ -178,7 +186,6 @@ def generate_final_model(model, config_file, pth_file, output_dir):
     for name, q in quant_layers(qmodel):
         node = next(n for n in fused.graph.node if n.name == name)
         scale, offset = q.act.qparams()
-        _w, b = q.folded()
         _wq, _bq, s_w = q.quantized_params()
         doc["layers"][name] = {
             "op_type": node.op_type, "strategy": "Quant_INT8-8", "source_layer": name,
@@ -198,17 +205,18 @@ def generate_final_model(model, config_file, pth_file, output_dir):
     feeds = {k: v.numpy() for k, v in sample.items()}
     ref_float = _run_torch(_unfused_float(qmodel), sample)
     got_float = onnx_qdq.run(onnx_qdq.ort_session(fused.SerializeToString()), feeds)
-    err, _ = _compare(ref_float, got_float, FUSE_RTOL, FUSE_ATOL)
+    err = _compare(ref_float, got_float, FUSE_RTOL, FUSE_ATOL)
     if err > 1:
         raise DoptError("the exported float model does not reproduce the trained network "
                         f"(error {err:.2f}x the tolerance)", hint="report this as a bug in dopt "
                         "with the model definition")
     ref_q = _run_torch(qmodel, sample)
     got_q = onnx_qdq.run(onnx_qdq.ort_session(qdq.SerializeToString()), feeds)
-    err, _ = _compare(ref_q, got_q, QDQ_RTOL, QDQ_ATOL)
+    err = _compare(ref_q, got_q, QDQ_RTOL, QDQ_ATOL, QDQ_MEAN_RTOL)
     if err > 1:
         raise DoptError("the QDQ ONNX model does not reproduce the fake-quant model on ONNX "
-                        f"Runtime (max error {err:.2f}x the tolerance {QDQ_RTOL} relative)",
+                        f"Runtime (error {err:.2f}x the tolerance: max {QDQ_RTOL}, mean "
+                        f"{QDQ_MEAN_RTOL} relative)",
                         hint="report this as a bug in dopt with the model definition")
 
     import onnx

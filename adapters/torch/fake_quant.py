@@ -2,11 +2,13 @@
 
 Scalar quantization parameters come from the core itself (``numerics.activation_qparams``),
 so they are the core's values by construction. Activations use one fused autograd node
-with LSQ-style gradients to the learnable range ``(lo, hi)``, recomputing its masks from the
-saved input in backward (the input is kept alive by the layer anyway); weights use one
-straight-through node. Few tensor ops per layer keep QAT close to float training speed.
+with LSQ-style gradients to the learnable range ``(lo, hi)``, derived in backward from the
+saved input and output (the output is the next layer's input, kept alive anyway); weights
+use one straight-through node. Few full-tensor passes per layer keep QAT cheap.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -62,8 +64,11 @@ class _FakeQuantAct(torch.autograd.Function):
         ds_dlo = -1.0 / LEVELS if lo < 0 and live else 0.0
         do_ds = lo_c / (s * s) if o_free else 0.0
         do_dlo = -1.0 / s if (o_free and lo < 0) else 0.0
-        g_hi = gs * ds_dhi + go * do_ds * ds_dhi
-        g_lo = gs * ds_dlo + go * (do_dlo + do_ds * ds_dlo)
+        # LSQ step-size gradient scale 1/sqrt(N * Qp): the sums above run over every element
+        # of the batch, which would otherwise make the range move far faster than the weights
+        k = 1.0 / math.sqrt(x.numel() * QMAX)
+        g_hi = k * (gs * ds_dhi + go * do_ds * ds_dhi)
+        g_lo = k * (gs * ds_dlo + go * (do_dlo + do_ds * ds_dlo))
         dev = x.device
         return (gx if ctx.needs_input_grad[0] else None,
                 torch.tensor(g_lo, dtype=torch.float32, device=dev),

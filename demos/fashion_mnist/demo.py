@@ -108,7 +108,7 @@ def main(argv=None):
     print(f"[3/5] calibrated on {len(calib)} images in {t_cal:.1f}s: top-1 {acc_cal:.2f}%")
 
     # step 2b: short QAT in an ordinary training loop
-    opt = torch.optim.Adam(qmodel.parameters(), lr=a.lr)
+    opt = torch.optim.SGD(qmodel.parameters(), lr=a.lr, momentum=0.9)
     steps = int(a.qat_epochs * len(xtr) / a.batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
     t = time.time()

@@ -45,7 +45,7 @@ def _worker(rank, world, port, cfg, out):
         # one QAT step under DDP: learnable ranges get averaged gradients, stay identical
         ddp.train()
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-        loss = ddp(_data(rank)[0]).pow(2).mean()
+        loss = ddp(_data(rank)[0]).pow(2).sum() * 100  # big enough to move every range
         opt.zero_grad()
         loss.backward()
         opt.step()

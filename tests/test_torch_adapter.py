@@ -134,7 +134,8 @@ def test_qat_train_step_changes_ranges_and_weights(tmp_path):
     w0 = q.conv1.layer.weight.detach().clone()
     rm0 = q.conv1.bn.running_mean.clone()
     x, y = torch.randn(16, 3, 16, 16) * 2, torch.randint(0, 5, (16,))
-    loss = torch.nn.functional.cross_entropy(q(x), y) + 0.05 * get_quant_loss(q)
+    # ranges get LSQ-scaled gradients (1/sqrt(N*127)): a large loss makes one step visible
+    loss = 100 * torch.nn.functional.cross_entropy(q(x), y) + 0.05 * get_quant_loss(q)
     opt.zero_grad()
     loss.backward()
     opt.step()

@@ -7,7 +7,7 @@ dopt QAT (1 epoch over the 60k training set, SGD momentum 0.9, lr 1e-4 cosine, B
 half-way; mean of 3 runs with different batch orders); ONNX Runtime ``quantize_static``
 (QDQ, per-channel, MinMax, same 1024 images) as the peer; QAT step time vs float
 training step time; calibration wall time and peak RSS growth for 256 vs 2048
-samples. Writes bench/out/torch_qat.json and prints a Markdown table.
+samples. Writes bench/results/torch_qat.json and prints a Markdown table.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from dopt.dopt_torch.opt_main import (freeze_bn_stats, generate_config_file, gen
 
 from .memwatch import PeakRSS
 
-OUT = Path(__file__).resolve().parent / "out"
+OUT = Path(__file__).resolve().parent / "results"
 
 
 def int8_config(model, dst: Path) -> Path:

@@ -51,6 +51,7 @@ def _worker(rank, world, port, cfg, out):
         opt.step()
         with open(f"{out}.{rank}", "w") as f:
             json.dump({"calib": calib, "qat": _ranges(q)}, f)
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -4,7 +4,8 @@
 
 For each network: float accuracy; dopt calibration only (min/max, 1024 images);
 dopt QAT (1 epoch over the 60k training set, SGD momentum 0.9, lr 1e-4 cosine, BN frozen
-half-way; mean of 3 runs with different batch orders); ONNX Runtime ``quantize_static``
+half-way, cross-entropy + distillation from the float model; mean of 3 runs with different
+batch orders); ONNX Runtime ``quantize_static``
 (QDQ, per-channel, MinMax, same 1024 images) as the peer; QAT step time vs float
 training step time; calibration wall time and peak RSS growth for 256 vs 2048
 samples. Writes bench/results/torch_qat.json and prints a Markdown table.
@@ -74,7 +75,9 @@ def step_time(model, xtr, ytr, steps=40, batch=64, seed=0):
     return float(np.median(times))
 
 
-def qat(q, xtr, ytr, epochs=1.0, lr=1e-3, batch=64, seed=0, optimizer="sgd", freeze_at=0.5):
+def qat(q, xtr, ytr, epochs=1.0, lr=1e-3, batch=64, seed=0, optimizer="sgd", freeze_at=0.5,
+        teacher=None, kd_weight=1.0, kd_temp=2.0):
+    """QAT loop; with ``teacher`` (the float model) the loss adds distillation towards it."""
     rng = np.random.default_rng(seed)
     if optimizer == "sgd":  # the reference's recipe: SGD with momentum on the quant model
         opt = torch.optim.SGD(q.parameters(), lr=lr, momentum=0.9)
@@ -90,7 +93,13 @@ def qat(q, xtr, ytr, epochs=1.0, lr=1e-3, batch=64, seed=0, optimizer="sgd", fre
         xb = torch.from_numpy(xtr[idx])
         if rng.random() < 0.5:
             xb = xb.flip(3)  # the float training's augmentation
-        loss = F.cross_entropy(q(xb), torch.from_numpy(ytr[idx]))
+        logits = q(xb)
+        loss = F.cross_entropy(logits, torch.from_numpy(ytr[idx]))
+        if teacher is not None:
+            with torch.no_grad():
+                t = F.softmax(teacher(xb) / kd_temp, dim=1)
+            loss = loss + kd_weight * kd_temp ** 2 * F.kl_div(
+                F.log_softmax(logits / kd_temp, dim=1), t, reduction="batchmean")
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -164,7 +173,8 @@ def run_model(name, a, xtr, ytr, xte, yte):
         qs = copy.deepcopy(q)
         t = time.perf_counter()
         qat(qs, xtr, ytr, epochs=a.qat_epochs, lr=a.lr, seed=seed, optimizer=a.optimizer,
-            freeze_at=a.freeze_bn_at)
+            freeze_at=a.freeze_bn_at,
+            teacher=demo.build_float(name).eval() if a.distill else None)
         qat_times.append(time.perf_counter() - t)
         pred = demo.predict(qs, xte)
         qat_accs.append(acc(pred, yte))
@@ -194,6 +204,9 @@ def main(argv=None):
     ap.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     ap.add_argument("--freeze-bn-at", type=float, default=0.5,
                     help="fraction of QAT after which BN statistics are frozen (0: from the start)")
+    ap.add_argument("--no-distill", dest="distill", action="store_false",
+                    help="plain cross-entropy QAT (default adds distillation from the float "
+                         "model, T=2, weight 1)")
     ap.add_argument("--seeds", type=int, default=3, help="QAT runs (different batch orders)")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)

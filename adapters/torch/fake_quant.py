@@ -26,9 +26,13 @@ def activation_qparams_float(lo: float, hi: float) -> tuple[float, float]:
 
 
 def _quant_dequant(x, s: float, o: float):
-    # (clamp(rint(x/s) + o, qmin, qmax) - o) * s, in four passes: with integer o this is
-    # clamp(rint(x/s), qmin - o, qmax - o) * s exactly
-    return torch.div(x, s).round_().clamp_(QMIN - o, QMAX - o).mul_(s)
+    """``(x~, inside)``: ``x~ = (clamp(rint(x/s) + o, qmin, qmax) - o) * s`` and the mask of
+    elements the clamp left alone. With integer ``o``, ``clamp(rint(x/s) + o) - o`` is exactly
+    ``clamp(rint(x/s), qmin - o, qmax - o)``."""
+    r = torch.div(x, s).round_()
+    q = torch.clamp(r, QMIN - o, QMAX - o)
+    inside = q.eq(r)
+    return q.mul_(s), inside
 
 
 class _FakeQuantAct(torch.autograd.Function):
@@ -36,25 +40,23 @@ class _FakeQuantAct(torch.autograd.Function):
     def forward(ctx, x, lo, hi):
         lo_f, hi_f = float(lo), float(hi)
         s, o = activation_qparams_float(lo_f, hi_f)
-        out = _quant_dequant(x, s, o)
+        out, inside = _quant_dequant(x, s, o)
         # the output is the next layer's input, kept alive by it anyway: saving it is free
-        ctx.save_for_backward(x, out)
+        ctx.save_for_backward(x, out, inside)
         ctx.q = (lo_f, hi_f, s, o)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x, out = ctx.saved_tensors
+        x, out, inside = ctx.saved_tensors
         lo, hi, s, o = ctx.q
-        # LSQ gradients from d = x~ - x: inside the range |d| <= s/2 and d/s = rint(x/s) - x/s;
-        # a clamped element has x~ = (q_clamped - o) * s. So, per element,
-        #   dx~/dx = [inside],  dx~/ds = (inside ? d : x~) / s,  dx~/do = -s [outside]
-        d = out - x
-        inside = torch.le(d.abs(), 0.5 * s)
+        # LSQ, per element: dx~/dx = [inside]; dx~/ds = rint(x/s) - x/s = (x~ - x)/s inside and
+        # (q_clamped - o) = x~/s outside; dx~/do = -s outside. Summed against g:
+        #   s * dL/ds = <g, x~> - <g_x, x>,   dL/do = -s * (sum g - sum g_x)
         gx = torch.where(inside, g, 0.0)
-        torch.where(inside, d, out, out=d)
-        gs = float(torch.dot(g.reshape(-1), d.reshape(-1))) / s
-        go = -s * (float(g.sum()) - float(gx.sum()))
+        g1, gx1 = g.reshape(-1), gx.reshape(-1)
+        gs = (float(torch.dot(g1, out.reshape(-1))) - float(torch.dot(gx1, x.reshape(-1)))) / s
+        go = -s * (float(g1.sum()) - float(gx1.sum()))
         # chain to lo/hi: s = (hi' - lo') / 255, o = clamp(rint(-128 - lo'/s)) with a
         # straight-through rint; lo' = min(lo, 0), hi' = max(hi, 0)
         lo_c = min(lo, 0.0)

@@ -33,13 +33,13 @@ def unwrap(model):
 def check_input_names(model: nn.Module, shapes: dict, *, file=None, field="input_shape"):
     """Input names are ``forward()`` argument names, as in the reference."""
     try:
-        params = [p for p in inspect.signature(model.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        all_params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
         return
-    names = [p.name for p in params]
-    if any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values()):
+    if any(p.kind == p.VAR_POSITIONAL for p in all_params):
         return
+    params = [p for p in all_params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [p.name for p in params]
     for n in shapes:
         if n not in names:
             raise DoptError(f"input_shape names input '{n}', which is not an argument of "

@@ -62,3 +62,21 @@ def staged_outputs(out_dir: str | os.PathLike) -> Iterator[Path]:
             os.replace(item, out_dir / item.name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object repeats a key (``json`` would silently keep the last one)."""
+
+    def __init__(self, key: str):
+        super().__init__(f"duplicate key {key!r}")
+        self.key = key
+
+
+def reject_duplicate_keys(pairs: list) -> dict:
+    """``object_pairs_hook`` for files where a repeated key is a mistake, not an override."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise DuplicateKeyError(k)
+        out[k] = v
+    return out

@@ -28,22 +28,13 @@ from pathlib import Path
 
 from .config import INT8
 from .errors import DoptError
-from .fileio import write_json_atomic
+from .fileio import reject_duplicate_keys, write_json_atomic
 
 FORMAT = "dopt.quant_param"
 VERSION = 1
 MAX_FILE_BYTES = 256 << 20
 MIN_SCALE = 1e-12
 QUANT_OP_TYPES = ("Conv", "Gemm", "MatMul", "ConvTranspose")
-
-
-def _reject_duplicates(pairs):
-    seen = {}
-    for k, v in pairs:
-        if k in seen:
-            raise ValueError(f"duplicate key {k!r}")
-        seen[k] = v
-    return seen
 
 
 def read_params(path) -> dict:
@@ -58,7 +49,7 @@ def read_params(path) -> dict:
         raise DoptError("the quantization parameter file is too large", file=f,
                         expected=f"at most {MAX_FILE_BYTES} bytes", found=f"{size} bytes")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_reject_duplicates)
+        doc = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=reject_duplicate_keys)
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
         where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
         raise DoptError(f"the quantization parameter file is not valid JSON{where}: {e}", file=f,

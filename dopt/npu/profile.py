@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DoptError
+from ..fileio import DuplicateKeyError, reject_duplicate_keys
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 DEFAULT_PROFILE = "kirin9000"
@@ -103,12 +104,12 @@ def _load(path: str) -> HardwareProfile:
         raise DoptError("the hardware profile is not UTF-8 text", file=path,
                         found=f"byte offset {e.start}", hint="save the file as UTF-8") from None
     try:
-        raw = json.loads(text, object_pairs_hook=_no_duplicates)
+        raw = json.loads(text, object_pairs_hook=reject_duplicate_keys)
     except json.JSONDecodeError as e:
         raise DoptError("the hardware profile is not valid JSON", file=path,
                         found=f"line {e.lineno}, column {e.colno}: {e.msg}",
                         hint="fix the JSON syntax at that position") from None
-    except _DuplicateKey as e:
+    except DuplicateKeyError as e:
         raise DoptError("the hardware profile repeats a key", file=path, field=e.key,
                         hint="each key, operator names included, may appear only once") from None
     _validate(raw, path)
@@ -116,21 +117,6 @@ def _load(path: str) -> HardwareProfile:
                            alignment=raw["alignment"], fusions=raw["fusions"],
                            networks=raw["networks"], cost_model=raw["cost_model"], raw=raw,
                            path=path)
-
-
-class _DuplicateKey(ValueError):
-    def __init__(self, key: str):
-        super().__init__(key)
-        self.key = key
-
-
-def _no_duplicates(pairs: list) -> dict:
-    out: dict = {}
-    for k, v in pairs:
-        if k in out:
-            raise _DuplicateKey(k)
-        out[k] = v
-    return out
 
 
 def _validate(raw: Any, path: str) -> None:

@@ -1,0 +1,84 @@
+"""The pre-check report (``dopt omg --mode 3``): per node, per op type, per partition."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from .lower import IRGraph
+from .profile import HardwareProfile
+from .rules import CPU, FUSED, Context, evaluate
+
+
+def precheck(graph: IRGraph, profile: HardwareProfile, int8_nodes=()) -> dict:
+    ctx = Context(graph, profile, frozenset(int8_nodes))
+    nodes = []
+    for n in graph.nodes:
+        outcome, findings = evaluate(n, ctx)
+        nodes.append({"node": n.name, "onnx_op": n.onnx_op, "ir_op": n.op,
+                      "int8": n.name in ctx.int8_nodes and outcome != CPU and not any(
+                          f.rule == "int8_min_cin" for f in findings),
+                      "outcome": outcome,
+                      "findings": [{"rule": f.rule, "outcome": f.outcome, "message": f.message,
+                                    "values": f.values, "hint": f.hint} for f in findings]})
+    return {"profile": profile.stamp(), "nodes": nodes, "op_types": _by_op_type(nodes),
+            "partitions": _partitions(graph, nodes),
+            "summary": {k: sum(1 for x in nodes if x["outcome"] == k)
+                        for k in ("npu", "npu_degraded", "fused", "cpu")}}
+
+
+def _by_op_type(nodes: list[dict]) -> list[dict]:
+    rows: "OrderedDict[tuple, dict]" = OrderedDict()
+    for x in nodes:
+        reason = "; ".join(sorted({f["rule"] for f in x["findings"]})) or "-"
+        key = (x["ir_op"] or f"(ONNX {x['onnx_op']})", x["outcome"], reason)
+        row = rows.setdefault(key, {"op": key[0], "count": 0, "outcome": key[1],
+                                    "reason": reason, "nodes": []})
+        row["count"] += 1
+        row["nodes"].append(x["node"])
+    return list(rows.values())
+
+
+def _partitions(graph: IRGraph, nodes: list[dict]) -> list[dict]:
+    """Consecutive runs (in graph order) on one device; fused nodes follow their host."""
+    device_of_tensor = {t: "input" for t in graph.inputs}
+    parts: list[dict] = []
+    for n, x in zip(graph.nodes, nodes):
+        dev = "cpu" if x["outcome"] == CPU else "npu"
+        if x["outcome"] == FUSED and parts:
+            dev = parts[-1]["device"]
+        if not parts or parts[-1]["device"] != dev:
+            parts.append({"id": len(parts), "device": dev, "nodes": [], "inputs_from": []})
+        p = parts[-1]
+        p["nodes"].append(n.name)
+        for t in n.inputs:
+            src = device_of_tensor.get(t)
+            if src not in (None, dev, "input") and t not in p["inputs_from"]:
+                p["inputs_from"].append(t)
+        for t in n.outputs:
+            device_of_tensor[t] = dev
+    for p in parts:
+        p["transfers_in"] = len(p.pop("inputs_from"))
+    return parts
+
+
+def render_text(report: dict) -> str:
+    s = report["summary"]
+    lines = [f"pre-check against {report['profile']['name']} {report['profile']['version']}: "
+             f"{s['npu']} on NPU, {s['npu_degraded']} on NPU degraded, {s['fused']} fused away, "
+             f"{s['cpu']} CPU fallback", "",
+             "| op | count | outcome | reason | nodes |", "|---|---|---|---|---|"]
+    for r in report["op_types"]:
+        names = ", ".join(r["nodes"][:6]) + (" ..." if len(r["nodes"]) > 6 else "")
+        lines.append(f"| {r['op']} | {r['count']} | {r['outcome']} | {r['reason']} | {names} |")
+    details = [x for x in report["nodes"] if x["findings"] and x["outcome"] != FUSED]
+    if details:
+        lines += ["", "details:"]
+        for x in details:
+            for f in x["findings"]:
+                if f["outcome"] == "fused":
+                    continue
+                lines.append(f"- {x['node']} ({x['ir_op'] or x['onnx_op']}): {f['message']}"
+                             + (f" -> {f['hint']}" if f["hint"] else ""))
+    lines += ["", "partitions: " + ", ".join(
+        f"#{p['id']} {p['device']} ({len(p['nodes'])} nodes, {p['transfers_in']} transfers in)"
+        for p in report["partitions"])]
+    return "\n".join(lines)

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weight", required=True, help="quant checkpoint (.pth state dict)")
     s.add_argument("--output_dir", default="./")
     s.set_defaults(fn=_torch_final)
+    # listed for --help; its flags are the reference OMG's and are parsed by dopt.npu.omg
+    sub.add_parser("omg", help="emulated offline model compiler (reference OMG flags; "
+                   "`dopt omg -h`)", add_help=False)
     s = sub.add_parser("check-params", help="validate a quantization parameter file")
     s.add_argument("param_file")
     s.add_argument("--model", help="the ONNX model the records must match")
@@ -83,9 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["omg"]:
+        from .npu.omg import main as omg_main
+
+        def fn():
+            return omg_main(argv[1:])
+    else:
+        a = build_parser().parse_args(argv)
+
+        def fn():
+            return a.fn(a)
     try:
-        return a.fn(a)
+        return fn()
     except DoptError as e:
         print(f"dopt: error: {e}", file=sys.stderr)
         return 2

@@ -91,3 +91,43 @@ def test_flatten_after_global_pool_is_shape_only():
     by = {x["node"]: x for x in r["nodes"]}
     assert by["flat"]["outcome"] == "fused" and by["fc"]["ir_op"] == "FullyConnection"
     assert by["gap"]["ir_op"] == "PoolingD"
+
+
+def _dopt(*args, cwd):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-m", "dopt", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=120, env=dict(os.environ, PYTHONPATH=str(root)))
+
+
+def test_omg_mode3_cli(tmp_path):
+    import json
+    onnx.save(mixed_model(), tmp_path / "m.onnx")
+    r = _dopt("omg", "--mode", "3", "--framework", "5", "--model", "m.onnx", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "check_report.json").read_text())  # reference default path
+    assert rep["summary"]["cpu"] == 1 and rep["profile"]["name"] == "kirin9000"
+    assert "| (ONNX Einsum) | 1 | cpu | unsupported_op | einsum |" in r.stdout
+    r = _dopt("omg", "--mode", "3", "--framework", "5", "--model", "m.onnx", "--strict",
+              "--check_report", "strict.json", cwd=tmp_path)
+    assert r.returncode == 2 and "einsum" in r.stderr and "--strict" in r.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--framework", "0", "--model", "m.onnx"], "convert the Caffe model to ONNX"),
+    (["--framework", "6", "--model", "m.onnx"], "MindSpore models are not supported"),
+    (["--framework", "5", "--model", "bad.onnx"], "not a readable ONNX model"),
+    (["--framework", "5", "--model", "m.onnx", "--input_shape", "x:1,a"], "--input_shape"),
+    (["--framework", "5", "--model", "m.onnx", "--input_shape", "nope:1,16,8,8"],
+     "which the model does not have"),
+    (["--framework", "5", "--model", "m.onnx", "--compress_conf", "m.onnx"], "not valid JSON"),
+])
+def test_omg_mode3_bad_inputs(tmp_path, args, needle):
+    onnx.save(mixed_model(), tmp_path / "m.onnx")
+    (tmp_path / "bad.onnx").write_bytes(b"\x08\x07garbage")
+    r = _dopt("omg", "--mode", "3", "--check_report", "r.json", *args, cwd=tmp_path)
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
+    assert "\n" not in r.stderr.strip() and not (tmp_path / "r.json").exists()

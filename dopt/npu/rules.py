@@ -87,7 +87,8 @@ def int8_min_cin(n: IRNode, ctx: Context):
     if n.name in ctx.int8_nodes and n.op in CONV_OPS and n.op != "ConvolutionDepthwise" \
             and 0 < n.attrs.get("cin", 0) < min_cin:
         return Finding("int8_min_cin", DEGRADED,
-                       f"INT8 skipped: Cin {n.attrs['cin']} < {min_cin}, the layer runs in FP16",
+                       f"INT8 skipped: Cin {n.attrs['cin']} <= {min_cin - 1}, the layer runs "
+                       f"in FP16",
                        {"cin": n.attrs["cin"]},
                        "INT8 pays from Cin > 16; leave this layer float in the config")
 

@@ -1,0 +1,122 @@
+"""``dopt omg``: the offline model compiler's command line, flags as the reference's OMG.
+
+This version implements ``--mode 3`` (pre-check only) for ONNX models: lowering to
+the NPU operator set, the rule checks of the hardware profile, the report as JSON
+(``--check_report``) and as text on stdout. ``--strict`` (a dopt addition) turns any
+CPU fallback into a failure, for CI gates.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import parse_input_shape
+from ..errors import DoptError
+from ..fileio import write_json_atomic
+
+FRAMEWORKS = {0: "Caffe", 3: "TensorFlow", 5: "ONNX", 6: "MindSpore"}
+MAX_MODEL_BYTES = 2 << 30
+
+
+def build_parser(prog="dopt omg") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description="Emulated NPU offline model compiler "
+                                 "(reference OMG flags)")
+    ap.add_argument("--mode", type=int, default=0, choices=(0, 1, 3),
+                    help="0: generate the model, 1: model to JSON, 3: pre-check only")
+    ap.add_argument("--model", help="source model file")
+    ap.add_argument("--weight", help="weight file (Caffe only)")
+    ap.add_argument("--framework", type=int, choices=sorted(FRAMEWORKS),
+                    help="0 Caffe, 3 TensorFlow, 5 ONNX, 6 MindSpore")
+    ap.add_argument("--output", help="output model path (.om is appended)")
+    ap.add_argument("--om", help="offline model to dump with --mode 1")
+    ap.add_argument("--json", help="JSON output path for --mode 1")
+    ap.add_argument("--input_shape", help="'name:n,c,h,w;name2:...'")
+    ap.add_argument("--input_format", choices=("NCHW", "NHWC"))
+    ap.add_argument("--input_type")
+    ap.add_argument("--output_type")
+    ap.add_argument("--out_nodes")
+    ap.add_argument("--check_report", help="pre-check report path (JSON)")
+    ap.add_argument("--insert_op_conf")
+    ap.add_argument("--op_name_map")
+    ap.add_argument("--compress_conf", help="quantization parameter file from dopt")
+    ap.add_argument("--weight_data_type", choices=("FP16", "FP32"), default="FP16")
+    ap.add_argument("--dynamic_dims")
+    ap.add_argument("--target", choices=("om", "omc"), default="om")
+    ap.add_argument("--platform")
+    ap.add_argument("--profile", default="kirin9000", help="hardware profile (dopt addition)")
+    ap.add_argument("--strict", action="store_true",
+                    help="fail if any operator falls back to the CPU (dopt addition)")
+    return ap
+
+
+def _load_onnx(path: str):
+    p = Path(path)
+    if not p.is_file():
+        raise DoptError("the model file does not exist", file=path, field="--model")
+    if p.stat().st_size > MAX_MODEL_BYTES:
+        raise DoptError("the model file is too large", file=path, field="--model",
+                        expected=f"at most {MAX_MODEL_BYTES} bytes")
+    try:
+        import onnx
+    except ImportError:
+        from ..errors import MissingExtraError
+        raise MissingExtraError("onnx", "onnx", "Compiling ONNX models") from None
+    try:
+        return onnx.load(str(p), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
+        raise DoptError(f"the model file is not a readable ONNX model ({e.__class__.__name__})",
+                        file=path, field="--model",
+                        hint="pass an .onnx file written by an ONNX exporter") from None
+
+
+def _check_framework(a) -> None:
+    if a.framework is None:
+        raise DoptError("--framework is required with --mode 0 or 3", field="--framework",
+                        expected="5 (ONNX)")
+    if a.framework in (0, 6):
+        raise DoptError(f"{FRAMEWORKS[a.framework]} models are not supported by dopt",
+                        field="--framework", hint=f"convert the {FRAMEWORKS[a.framework]} model "
+                        "to ONNX and pass --framework 5")
+    if a.framework == 3:
+        raise DoptError("TensorFlow input is not available in this version", field="--framework",
+                        hint="export the model to ONNX (e.g. with tf2onnx) and pass --framework 5")
+
+
+def run_precheck(a) -> int:
+    from .lower import lower_onnx
+    from .precheck import precheck, render_text
+    from .profile import load_profile
+    from .. import params as P
+    from ..onnx_qdq import graph_layers
+
+    _check_framework(a)
+    if not a.model:
+        raise DoptError("--model is required", field="--model")
+    model = _load_onnx(a.model)
+    shapes = parse_input_shape(a.input_shape, source="--input_shape") if a.input_shape else None
+    int8 = set()
+    if a.compress_conf:
+        doc = P.read_params(a.compress_conf)
+        P.validate_params(doc, file=a.compress_conf, graph=graph_layers(model))
+        int8 = set(doc["layers"])
+    profile = load_profile(a.profile)
+    report = precheck(lower_onnx(model, shapes), profile, int8)
+    report["model"] = a.model
+    dest = a.check_report or "check_report.json"
+    write_json_atomic(dest, report)
+    print(render_text(report))
+    print(f"\ncheck report: {dest}")
+    if a.strict and report["summary"]["cpu"]:
+        cpu = [x["node"] for x in report["nodes"] if x["outcome"] == "cpu"]
+        raise DoptError(f"{len(cpu)} operator(s) would fall back to the CPU: {', '.join(cpu)}",
+                        field="--strict", hint="see the check report for the reasons, or drop "
+                        "--strict to compile with a CPU partition")
+    return 0
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.mode == 3:
+        return run_precheck(a)
+    raise DoptError(f"--mode {a.mode} is not available in this version of the emulated compiler",
+                    field="--mode", hint="use --mode 3 for the pre-check report")

@@ -1,0 +1,198 @@
+"""The ``.om`` container: versioned, checksummed, read without pickle or eval.
+
+Layout (little-endian)::
+
+    0   8 bytes  magic  b"DOPTOM\\x00\\x01"
+    8   u32      format version (1)
+    12  u32      flags (0)
+    16  u64      manifest length M (UTF-8 JSON, at most 64 MiB)
+    24  u64      payload length P
+    32  32 bytes SHA-256 of manifest + payload
+    64  M bytes  manifest: {"format_version", "profile": {name, version}, "graph": ...,
+                 "quant": ..., "meta": ..., "tensors": [{"name", "dtype", "shape",
+                 "offset", "nbytes"}]}
+    64+M P bytes payload: tensor data, each tensor 64-byte aligned, C order
+
+Every length read from a file is bounded before use; any inconsistency is a
+``DoptError`` naming the file and the offset or field. ``to_json``/``from_json``
+are the ``--mode 1`` round trip (tensor data base64-encoded).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DoptError
+from ..fileio import DuplicateKeyError, atomic_path, reject_duplicate_keys
+
+MAGIC = b"DOPTOM\x00\x01"
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<8sIIQQ32s")  # 64 bytes
+ALIGN = 64
+MAX_MANIFEST = 64 << 20
+MAX_FILE = 8 << 30
+MAX_TENSORS = 1 << 20
+MAX_RANK = 8
+DTYPES = {"float16": np.float16, "float32": np.float32, "int8": np.int8, "uint8": np.uint8,
+          "int32": np.int32, "int64": np.int64}
+
+
+@dataclass
+class OmModel:
+    graph: dict
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    profile: dict = field(default_factory=dict)
+    quant: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+
+def _bad(path, what, *, field=None, expected=None, found=None):
+    return DoptError(f"corrupt or unsupported .om file: {what}", file=str(path), field=field,
+                     expected=expected, found=found,
+                     hint="recompile the model with dopt omg; the file may be truncated or "
+                          "tampered with")
+
+
+def write_om(path, model: OmModel) -> None:
+    entries, chunks, offset = [], [], 0
+    for name, arr in model.tensors.items():
+        a = np.ascontiguousarray(arr)
+        dt = str(a.dtype)
+        if dt not in DTYPES:
+            raise DoptError(f"tensor '{name}' has dtype {dt}, which .om files do not hold",
+                            expected=", ".join(DTYPES))
+        pad = (-offset) % ALIGN
+        if pad:
+            chunks.append(b"\x00" * pad)
+            offset += pad
+        data = a.tobytes()
+        entries.append({"name": name, "dtype": dt, "shape": list(a.shape), "offset": offset,
+                        "nbytes": len(data)})
+        chunks.append(data)
+        offset += len(data)
+    manifest = json.dumps({"format_version": FORMAT_VERSION, "profile": model.profile,
+                           "graph": model.graph, "quant": model.quant, "meta": model.meta,
+                           "tensors": entries}, ensure_ascii=False,
+                          separators=(",", ":")).encode("utf-8")
+    payload = b"".join(chunks)
+    digest = hashlib.sha256(manifest + payload).digest()
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(manifest), len(payload), digest))
+            f.write(manifest)
+            f.write(payload)
+
+
+def read_om(path) -> OmModel:
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+    except OSError:
+        raise DoptError("the .om file does not exist", file=str(path)) from None
+    if size < HEADER.size:
+        raise _bad(path, "shorter than the 64-byte header", found=f"{size} bytes")
+    if size > MAX_FILE:
+        raise _bad(path, "file too large", expected=f"at most {MAX_FILE} bytes")
+    with open(p, "rb") as f:
+        magic, ver, flags, mlen, plen, digest = HEADER.unpack(f.read(HEADER.size))
+        if magic != MAGIC:
+            raise _bad(path, "not a dopt .om file (bad magic at offset 0)",
+                       expected=repr(MAGIC), found=repr(magic))
+        if ver != FORMAT_VERSION:
+            raise _bad(path, "unsupported format version (offset 8)",
+                       expected=str(FORMAT_VERSION), found=str(ver))
+        if flags != 0:
+            raise _bad(path, "unknown flags (offset 12)", found=str(flags))
+        if mlen > MAX_MANIFEST or mlen > size - HEADER.size:
+            raise _bad(path, "manifest length out of bounds (offset 16)", found=str(mlen))
+        if plen != size - HEADER.size - mlen:
+            raise _bad(path, "payload length does not match the file size (offset 24)",
+                       expected=str(size - HEADER.size - mlen), found=str(plen))
+        manifest_bytes = f.read(mlen)
+        payload = f.read(plen)
+    if hashlib.sha256(manifest_bytes + payload).digest() != digest:
+        raise _bad(path, "checksum mismatch (offset 32): the file was modified or truncated")
+    try:
+        man = json.loads(manifest_bytes.decode("utf-8"), object_pairs_hook=reject_duplicate_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError, DuplicateKeyError) as e:
+        raise _bad(path, f"manifest is not valid JSON ({e})", field="manifest") from None
+    return _from_manifest(path, man, payload)
+
+
+def _from_manifest(path, man, payload: bytes) -> OmModel:
+    if not isinstance(man, dict) or man.get("format_version") != FORMAT_VERSION:
+        raise _bad(path, "manifest has no supported format_version", field="format_version")
+    for key, typ in (("graph", dict), ("profile", dict), ("quant", dict), ("meta", dict),
+                     ("tensors", list)):
+        if not isinstance(man.get(key), typ):
+            raise _bad(path, f"manifest field '{key}' missing or of the wrong type", field=key,
+                       expected=typ.__name__)
+    entries = man["tensors"]
+    if len(entries) > MAX_TENSORS:
+        raise _bad(path, "too many tensors", field="tensors", found=str(len(entries)))
+    tensors = {}
+    for i, e in enumerate(entries):
+        fld = f"tensors[{i}]"
+        if not isinstance(e, dict):
+            raise _bad(path, "tensor entry is not an object", field=fld)
+        name, dt, shape = e.get("name"), e.get("dtype"), e.get("shape")
+        off, nb = e.get("offset"), e.get("nbytes")
+        if not isinstance(name, str) or name in tensors:
+            raise _bad(path, "tensor name missing or repeated", field=f"{fld}.name",
+                       found=repr(name))
+        if dt not in DTYPES:
+            raise _bad(path, f"tensor '{name}' has an unknown dtype", field=f"{fld}.dtype",
+                       expected=", ".join(DTYPES), found=repr(dt))
+        if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(
+                isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= 1 << 40
+                for d in shape):
+            raise _bad(path, f"tensor '{name}' has a malformed shape", field=f"{fld}.shape",
+                       found=repr(shape))
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (off, nb)):
+            raise _bad(path, f"tensor '{name}' has a malformed offset/nbytes", field=fld)
+        itemsize = np.dtype(DTYPES[dt]).itemsize
+        count = 1
+        for d in shape:
+            count *= d
+        if count * itemsize != nb or off + nb > len(payload):
+            raise _bad(path, f"tensor '{name}' does not fit its shape or the payload",
+                       field=fld, found=f"offset {off}, nbytes {nb}, shape {shape}, "
+                       f"payload {len(payload)} bytes")
+        tensors[name] = np.frombuffer(payload, DTYPES[dt], count, off).reshape(shape).copy()
+    return OmModel(man["graph"], tensors, man["profile"], man["quant"], man["meta"])
+
+
+def to_json(model: OmModel) -> dict:
+    """``--mode 1``: the whole model as JSON (tensors base64-encoded, exact)."""
+    return {"format": "dopt.om.json", "format_version": FORMAT_VERSION,
+            "profile": model.profile, "graph": model.graph, "quant": model.quant,
+            "meta": model.meta,
+            "tensors": {k: {"dtype": str(v.dtype), "shape": list(v.shape),
+                            "data": base64.b64encode(np.ascontiguousarray(v).tobytes())
+                            .decode("ascii")} for k, v in model.tensors.items()}}
+
+
+def from_json(doc: dict, *, file=None) -> OmModel:
+    if not isinstance(doc, dict) or doc.get("format") != "dopt.om.json":
+        raise DoptError("not a dopt .om JSON dump", file=file, field="format",
+                        expected="'dopt.om.json'")
+    tensors = {}
+    for name, t in (doc.get("tensors") or {}).items():
+        try:
+            raw = base64.b64decode(t["data"], validate=True)
+            arr = np.frombuffer(raw, DTYPES[t["dtype"]]).reshape(t["shape"]).copy()
+        except (KeyError, TypeError, ValueError) as e:
+            raise DoptError(f"tensor '{name}' cannot be decoded ({e.__class__.__name__})",
+                            file=file, field=f"tensors.{name}") from None
+        tensors[name] = arr
+    for key in ("graph", "profile", "quant", "meta"):
+        if not isinstance(doc.get(key, {}), dict):
+            raise DoptError(f"'{key}' must be an object", file=file, field=key)
+    return OmModel(doc.get("graph", {}), tensors, doc.get("profile", {}), doc.get("quant", {}),
+                   doc.get("meta", {}))

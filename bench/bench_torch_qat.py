@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from demos.fashion_mnist import data, demo, models
-from dopt import onnx_qdq
 from dopt.dopt_torch.opt_main import (freeze_bn_stats, generate_config_file, generate_final_model,
                                       optimize_model, set_calibrate_state)
 
@@ -134,12 +133,6 @@ def ort_static(model, calib, work: Path, method: str = "MinMax"):
     return qp, time.perf_counter() - t, mem.delta_mib
 
 
-def predict_onnx(path, x, optimize=True, batch=500):
-    sess = onnx_qdq.ort_session(str(path), optimize=optimize)
-    return np.concatenate([sess.run(None, {"x": x[i:i + batch]})[0].argmax(1)
-                           for i in range(0, len(x), batch)])
-
-
 def run_model(name, a, xtr, ytr, xte, yte):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -160,7 +153,7 @@ def run_model(name, a, xtr, ytr, xte, yte):
         r[f"calib_peak_mib_{n}"] = mem.delta_mib
 
     qp, t_ort, mem_ort = ort_static(demo.build_float(name), calib, work)
-    r["ort_minmax"] = acc(predict_onnx(qp, xte), yte)
+    r["ort_minmax"] = acc(demo.predict_onnx(qp, xte, optimize=True), yte)
     r["ort_calib_time_s"] = t_ort
     r["ort_calib_peak_mib"] = mem_ort
 
@@ -187,7 +180,7 @@ def run_model(name, a, xtr, ytr, xte, yte):
     pth = work / "quant.pth"
     torch.save(q.state_dict(), pth)
     files = generate_final_model(models.build(name), str(cfg), str(pth), str(work / "final"))
-    pred_qdq = predict_onnx(files["qdq_onnx"], xte, optimize=False)
+    pred_qdq = demo.predict_onnx(files["qdq_onnx"], xte)
     r["qdq_agreement"] = float(100 * (pred_qdq == pred_q).mean())
     r["qdq_ort"] = acc(pred_qdq, yte)
     return r

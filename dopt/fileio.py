@@ -25,8 +25,8 @@ def _check_dir_writable(directory: Path) -> None:
 def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; on success rename it over ``dest``."""
     dest = Path(dest)
-    _check_dir_writable(dest.parent if str(dest.parent) else Path("."))
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent or ".")
+    _check_dir_writable(dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:

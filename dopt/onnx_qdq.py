@@ -32,7 +32,7 @@ def _ort():
     return ort
 
 
-def _weight_axis(node) -> int:
+def weight_axis(node) -> int:
     """Axis of the output channels in the node's weight tensor."""
     if node.op_type == "Gemm":
         trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
@@ -52,7 +52,7 @@ def graph_layers(model) -> dict[str, dict]:
         if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose") and len(n.input) > 1 \
                 and n.input[1] in inits:
             dims = list(inits[n.input[1]].dims)
-            ax = _weight_axis(n)
+            ax = weight_axis(n)
             shape = [dims[ax]] + [d for i, d in enumerate(dims) if i != ax]
             out[n.name] = {"op_type": n.op_type, "weight": n.input[1], "weight_shape": shape}
     return out
@@ -100,7 +100,7 @@ def build_qdq(model, params: dict):
         # weight
         w_name = node.input[1]
         w = nh.to_array(inits[w_name]).astype(np.float32)
-        ax = _weight_axis(node)
+        ax = weight_axis(node)
         wq = nm.quantize_weight(np.moveaxis(w, ax, 0), w_scales, axis=0)
         wq = np.moveaxis(wq, 0, ax)
         const(f"{w_name}.quantized", wq)
@@ -149,6 +149,3 @@ def ort_session(path_or_bytes, *, optimize: bool = False):
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(path_or_bytes, so, providers=["CPUExecutionProvider"])
 
-
-def run(session, feeds: dict) -> list[np.ndarray]:
-    return session.run(None, feeds)

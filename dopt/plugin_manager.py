@@ -71,9 +71,9 @@ def adapter_for(model, *, want: str | None = None) -> str:
             return want
         info = adapters().get(want)
         if info is None:
-            extra = {"torch": "torch", "tf": "tf", "onnx": "onnx", "llm": "llm"}.get(want, want)
+            # adapters are named after the extra that installs them
             raise DoptError(f"the dopt '{want}' adapter is not installed",
-                            hint=f"pip install 'dopt[{extra}]'")
+                            hint=f"pip install 'dopt[{want}]'")
         raise DoptError(f"the {want} API was given an object it cannot handle",
                         expected=info.get("accepts", f"a {info.get('framework')} model"),
                         found=_unwrap_name(model))

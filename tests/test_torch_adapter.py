@@ -1,6 +1,5 @@
 import json
 import os
-import zipfile
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from dopt.dopt_torch.opt_main import (generate_config_file, generate_final_model
 from dopt_adapters.torch import fake_quant as fq  # noqa: E402
 from dopt_adapters.torch.modules import quant_layers  # noqa: E402
 
-from tests.tiny_net import TinyNet, build  # noqa: E402
+from tests.tiny_net import build  # noqa: E402
 
 CONV = "<class 'torch.nn.modules.conv.Conv2d'>"
 LIN = "<class 'torch.nn.modules.linear.Linear'>"

@@ -152,8 +152,9 @@ def get_quant_loss(model):
     terms = []
     for _, q in quant_layers(inner):
         w, _b = q.folded()
-        s = fq.weight_scales(w).reshape([-1] + [1] * (w.dim() - 1))
-        err = (w - torch.round(w.detach() / s).clamp(-127, 127) * s) / s
+        s_w = fq.weight_scales(w)
+        s = s_w.reshape([-1] + [1] * (w.dim() - 1))
+        err = (w - fq.fake_quant_weight(w.detach(), s_w)) / s
         terms.append(err.pow(2).mean())
     if not terms:
         return torch.zeros(())

@@ -183,8 +183,9 @@ def generate_final_model(model, config_file, pth_file, output_dir):
     graph = onnx_qdq.graph_layers(fused)
     doc = P.new_params({"name": "dopt", "version": dopt.__version__, "framework": "torch",
                         "torch": torch.__version__, "config": Path(cfg.path).name}, FUSED_NAME)
+    by_name = {n.name: n for n in fused.graph.node}
     for name, q in quant_layers(qmodel):
-        node = next(n for n in fused.graph.node if n.name == name)
+        node = by_name[name]
         scale, offset = q.act.qparams()
         _wq, _bq, s_w = q.quantized_params()
         doc["layers"][name] = {
@@ -204,14 +205,14 @@ def generate_final_model(model, config_file, pth_file, output_dir):
 
     feeds = {k: v.numpy() for k, v in sample.items()}
     ref_float = _run_torch(_unfused_float(qmodel), sample)
-    got_float = onnx_qdq.run(onnx_qdq.ort_session(fused.SerializeToString()), feeds)
+    got_float = onnx_qdq.ort_session(fused.SerializeToString()).run(None, feeds)
     err = _compare(ref_float, got_float, FUSE_RTOL, FUSE_ATOL)
     if err > 1:
         raise DoptError("the exported float model does not reproduce the trained network "
                         f"(error {err:.2f}x the tolerance)", hint="report this as a bug in dopt "
                         "with the model definition")
     ref_q = _run_torch(qmodel, sample)
-    got_q = onnx_qdq.run(onnx_qdq.ort_session(qdq.SerializeToString()), feeds)
+    got_q = onnx_qdq.ort_session(qdq.SerializeToString()).run(None, feeds)
     err = _compare(ref_q, got_q, QDQ_RTOL, QDQ_ATOL, QDQ_MEAN_RTOL)
     if err > 1:
         raise DoptError("the QDQ ONNX model does not reproduce the fake-quant model on ONNX "

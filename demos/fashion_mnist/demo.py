@@ -46,8 +46,9 @@ def predict(model, x, batch=500, desc=None) -> np.ndarray:
     return np.concatenate(out)
 
 
-def predict_onnx(path, x, batch=500) -> np.ndarray:
-    sess = onnx_qdq.ort_session(str(path))
+def predict_onnx(path, x, batch=500, optimize=False) -> np.ndarray:
+    """Top-1 with ONNX Runtime (graph optimizations off: the file's exact QDQ semantics)."""
+    sess = onnx_qdq.ort_session(str(path), optimize=optimize)
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: x[i:i + batch]})[0].argmax(1)
                            for i in range(0, len(x), batch)])

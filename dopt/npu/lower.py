@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import DoptError, MissingExtraError
+from ..onnx_qdq import weight_axis
 
 # ONNX op -> IR op; a callable picks by attributes/shapes. Ops absent here have no NPU form.
 _ACTIVATIONS = {"Relu", "Sigmoid", "Tanh", "LeakyRelu", "Elu", "Selu", "Softplus", "Softsign",
@@ -137,16 +138,15 @@ def lower_onnx(model, input_shapes: dict | None = None) -> IRGraph:
         attrs: dict = {}
         if op == "Conv":
             attrs = _conv_attrs(n, shapes, inits)
-            g, cin, cout = attrs["groups"], attrs["cin"], attrs["cout"]
+            g, cin = attrs["groups"], attrs["cin"]
             ir = "ConvolutionDepthwise" if g > 1 and g == cin and cin > 0 else "Convolution"
         elif op in ("Gemm", "MatMul"):
             const_w = len(n.input) > 1 and n.input[1] in inits
             w = shapes.get(n.input[1], ())
             ir = "FullyConnection" if const_w else ("MatMul" if len(w) <= 2 else "BatchMatMul")
             if const_w and len(w) == 2:
-                trans_b = op == "Gemm" and int(_attr(n, "transB", 0))
-                attrs = {"cin": w[1] if trans_b else w[0], "cout": w[0] if trans_b else w[1],
-                         "weight": n.input[1]}
+                ax = weight_axis(n)
+                attrs = {"cin": w[1 - ax], "cout": w[ax], "weight": n.input[1]}
         elif op in ("Add", "Sub", "Mul"):
             consts = [x for x in n.input if x in inits]
             ir = {"Add": "Add", "Sub": "Sub", "Mul": "Mul"}[op] if consts else "Eltwise"

@@ -5,7 +5,7 @@ from collections import OrderedDict
 
 from .lower import IRGraph
 from .profile import HardwareProfile
-from .rules import CPU, FUSED, Context, evaluate
+from .rules import CPU, FUSED, Context, evaluate, runs_int8
 
 
 def precheck(graph: IRGraph, profile: HardwareProfile, int8_nodes=()) -> dict:
@@ -14,8 +14,7 @@ def precheck(graph: IRGraph, profile: HardwareProfile, int8_nodes=()) -> dict:
     for n in graph.nodes:
         outcome, findings = evaluate(n, ctx)
         nodes.append({"node": n.name, "onnx_op": n.onnx_op, "ir_op": n.op,
-                      "int8": n.name in ctx.int8_nodes and outcome != CPU and not any(
-                          f.rule == "int8_min_cin" for f in findings),
+                      "int8": outcome != CPU and runs_int8(n, ctx),
                       "outcome": outcome,
                       "findings": [{"rule": f.rule, "outcome": f.outcome, "message": f.message,
                                     "values": f.values, "hint": f.hint} for f in findings]})

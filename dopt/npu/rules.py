@@ -37,6 +37,16 @@ class Context:
 RULES: list[tuple[str, Callable[[IRNode, Context], Finding | None]]] = []
 
 
+def int8_requested_but_too_narrow(n: IRNode, ctx: Context) -> bool:
+    """INT8 asked for a (non-depthwise) convolution whose Cin is too small to pay."""
+    return (n.name in ctx.int8_nodes and n.op in CONV_OPS and n.op != "ConvolutionDepthwise"
+            and 0 < n.attrs.get("cin", 0) < ctx.profile.alignment["int8_min_cin"])
+
+
+def runs_int8(n: IRNode, ctx: Context) -> bool:
+    return n.name in ctx.int8_nodes and not int8_requested_but_too_narrow(n, ctx)
+
+
 def rule(name: str):
     def register(fn):
         RULES.append((name, fn))
@@ -84,8 +94,7 @@ def shape_only(n: IRNode, ctx: Context):
 @rule("int8_min_cin")
 def int8_min_cin(n: IRNode, ctx: Context):
     min_cin = ctx.profile.alignment["int8_min_cin"]
-    if n.name in ctx.int8_nodes and n.op in CONV_OPS and n.op != "ConvolutionDepthwise" \
-            and 0 < n.attrs.get("cin", 0) < min_cin:
+    if int8_requested_but_too_narrow(n, ctx):
         return Finding("int8_min_cin", DEGRADED,
                        f"INT8 skipped: Cin {n.attrs['cin']} <= {min_cin - 1}, the layer runs "
                        f"in FP16",
@@ -97,9 +106,7 @@ def int8_min_cin(n: IRNode, ctx: Context):
 def conv_channel_alignment(n: IRNode, ctx: Context):
     if n.op not in CONV_OPS or n.attrs.get("cin", -1) <= 0:
         return None
-    int8 = n.name in ctx.int8_nodes and not (
-        n.op != "ConvolutionDepthwise"
-        and n.attrs["cin"] < ctx.profile.alignment["int8_min_cin"])
+    int8 = runs_int8(n, ctx)
     block = ctx.profile.channel_block(int8)
     cin, cout = n.attrs["cin"], n.attrs["cout"]
     dw = n.op == "ConvolutionDepthwise"

@@ -86,7 +86,7 @@ def qat(q, xtr, ytr, epochs=1.0, lr=1e-3, batch=64, seed=0, optimizer="sgd", fre
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     q.train()
     for s in range(steps):
-        if s == int(freeze_at * steps):
+        if s == int(freeze_at * steps) and hasattr(q, "dopt_quant_info"):
             freeze_bn_stats(q)
         idx = rng.integers(0, len(xtr), batch)
         xb = torch.from_numpy(xtr[idx])
@@ -177,6 +177,13 @@ def run_model(name, a, xtr, ytr, xte, yte):
     r["qat_runs"] = qat_accs
     r["qat"] = float(np.mean(qat_accs))
     r["qat_time_s"] = float(np.mean(qat_times))
+    if a.float_control:  # the same fine-tuning on the float model: drift without quantization
+        r["float_finetune_runs"] = []
+        for seed in range(a.seeds):
+            fm = demo.build_float(name)
+            qat(fm, xtr, ytr, epochs=a.qat_epochs, lr=a.lr, seed=seed, optimizer=a.optimizer,
+                freeze_at=a.freeze_bn_at)
+            r["float_finetune_runs"].append(acc(demo.predict(fm, xte), yte))
     pth = work / "quant.pth"
     torch.save(q.state_dict(), pth)
     files = generate_final_model(models.build(name), str(cfg), str(pth), str(work / "final"))
@@ -201,6 +208,10 @@ def main(argv=None):
                     help="plain cross-entropy QAT (default adds distillation from the float "
                          "model, T=2, weight 1)")
     ap.add_argument("--seeds", type=int, default=3, help="QAT runs (different batch orders)")
+    ap.add_argument("--results", default="torch_qat.json", help="file name in bench/results/")
+    ap.add_argument("--float-control", action="store_true",
+                    help="also fine-tune the float model with the same recipe, without "
+                         "distillation (how much of the QAT change is plain fine-tuning drift)")
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
     xtr, ytr = data.load("train", a.data)
@@ -213,7 +224,7 @@ def main(argv=None):
     OUT.mkdir(exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
             "cpus": torch.get_num_threads(), "torch": torch.__version__}
-    (OUT / "torch_qat.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (OUT / a.results).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print("\n| model | float | dopt calib | dopt QAT | ORT quantize_static | QDQ agreement | "
           "QAT step / float step | calib time dopt / ORT | calib peak MiB 256 / 2048 |")
     print("|---|---|---|---|---|---|---|---|---|")

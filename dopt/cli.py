@@ -59,6 +59,68 @@ def _check_params(a):
     return 0
 
 
+MAX_INPUT_BYTES = 2 << 30
+
+
+def _load_array(spec: str, default_name: str | None) -> tuple[str, object]:
+    import numpy as np
+    from pathlib import Path
+    name, sep, path = spec.partition("=")
+    if not sep:
+        name, path = default_name, spec
+    p = Path(path)
+    if not p.is_file():
+        raise DoptError("the input file does not exist", file=path, field="--input")
+    if p.stat().st_size > MAX_INPUT_BYTES:
+        raise DoptError("the input file is too large", file=path, field="--input",
+                        expected=f"at most {MAX_INPUT_BYTES} bytes")
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
+        raise DoptError(f"cannot read the input as a NumPy .npy file ({e.__class__.__name__})",
+                        file=path, field="--input", hint="save it with numpy.save") from None
+    if name is None:
+        raise DoptError("the model has several inputs: name each one", field="--input",
+                        expected="--input name=file.npy")
+    return name, arr
+
+
+def _run(a):
+    import numpy as np
+    from . import runtime
+    from .fileio import atomic_path
+    sess = runtime.load(a.om, device=a.device, engine=a.engine)
+    default = sess.inputs[0]["name"] if len(sess.inputs) == 1 else None
+    feeds = dict(_load_array(s, default) for s in a.input or [])
+    if a.report:
+        from .npu.costmodel import render_text
+        if sess.estimate:
+            print(render_text(sess.estimate))
+        print("placement: " + ", ".join(f"{k} {v}" for k, v in sess.om.meta["summary"].items()))
+    if a.verify:
+        from .runtime.verify import kernel_agreement
+        small = {k: v[:8] for k, v in sess._feeds(feeds).items()}
+        rows = kernel_agreement(sess.om, small, npu=a.device == "npu")
+        bad = [r for r in rows if not r["within_bound"]]
+        int8 = [r for r in rows if r["precision"] == "int8"]
+        print(f"verify: {len(rows)} kernel outputs, {sum(r['exact'] for r in int8)}/{len(int8)} "
+              f"INT8 bit-exact, {len(bad)} outside the bound")
+        if bad:
+            raise DoptError("the fast engine disagrees with the reference interpreter on "
+                            + ", ".join(r["kernel"] for r in bad[:10]), field="--verify")
+    if not feeds:
+        return 0
+    outs = sess.run(feeds)
+    for k, v in outs.items():
+        print(f"{k}: shape {list(v.shape)} dtype {v.dtype}")
+    if a.output:
+        with atomic_path(a.output) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **outs)
+        print(f"wrote {a.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dopt", description="dopt: models to a mobile NPU")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -78,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     # listed for --help; its flags are the reference OMG's and are parsed by dopt.npu.omg
     sub.add_parser("omg", help="emulated offline model compiler (reference OMG flags; "
                    "`dopt omg -h`)", add_help=False)
+    s = sub.add_parser("run", help="run a compiled .om on the emulated NPU (or the CPU)")
+    s.add_argument("--om", required=True, help="compiled model")
+    s.add_argument("--input", action="append", help="file.npy, or name=file.npy per input")
+    s.add_argument("--output", help="write the outputs to this .npz")
+    s.add_argument("--device", choices=("npu", "cpu"), default="npu")
+    s.add_argument("--engine", choices=("fast", "reference"), default="fast")
+    s.add_argument("--report", action="store_true",
+                   help="print the placement and the per-layer performance estimate")
+    s.add_argument("--verify", action="store_true",
+                   help="check the fast engine against the reference interpreter, per kernel")
+    s.set_defaults(fn=_run)
     s = sub.add_parser("check-params", help="validate a quantization parameter file")
     s.add_argument("param_file")
     s.add_argument("--model", help="the ONNX model the records must match")

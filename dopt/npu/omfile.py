@@ -40,7 +40,8 @@ MAX_FILE = 8 << 30
 MAX_TENSORS = 1 << 20
 MAX_RANK = 8
 DTYPES = {"float16": np.float16, "float32": np.float32, "int8": np.int8, "uint8": np.uint8,
-          "int32": np.int32, "int64": np.int64}
+          "int32": np.int32, "int64": np.int64, "bool": np.bool_,
+          "float64": np.float64}
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """``dopt omg``: the offline model compiler's command line, flags as the reference's OMG.
 
-This version implements ``--mode 3`` (pre-check only) for ONNX models: lowering to
-the NPU operator set, the rule checks of the hardware profile, the report as JSON
-(``--check_report``) and as text on stdout. ``--strict`` (a dopt addition) turns any
-CPU fallback into a failure, for CI gates.
+``--mode 0`` compiles an ONNX model (with ``--compress_conf`` for INT8 layers) into a
+``.om``; ``--mode 1`` dumps a ``.om`` or a source model to JSON (and a dump back to
+``.om``); ``--mode 3`` writes only the pre-check report. ``--strict`` (a dopt
+addition) turns any CPU fallback into a failure, for CI gates.
 """
 from __future__ import annotations
 
@@ -107,16 +107,108 @@ def run_precheck(a) -> int:
     print(render_text(report))
     print(f"\ncheck report: {dest}")
     if a.strict and report["summary"]["cpu"]:
-        cpu = [x["node"] for x in report["nodes"] if x["outcome"] == "cpu"]
-        raise DoptError(f"{len(cpu)} operator(s) would fall back to the CPU: {', '.join(cpu)}",
-                        field="--strict", hint="see the check report for the reasons, or drop "
-                        "--strict to compile with a CPU partition")
+        _refuse_fallback(report)
     return 0
+
+
+def _om_path(output: str) -> str:
+    return output if output.endswith(".om") else output + ".om"
+
+
+def run_compile(a) -> int:
+    from . import omfile
+    from .compiler import compile_onnx, parse_op_name_map
+    from .precheck import render_text
+    from .profile import load_profile
+    from .. import params as P
+
+    _check_framework(a)
+    for flag in ("model", "output"):
+        if not getattr(a, flag):
+            raise DoptError(f"--{flag} is required with --mode 0", field=f"--{flag}")
+    for flag in ("insert_op_conf", "dynamic_dims"):
+        if getattr(a, flag):
+            raise DoptError(f"--{flag} is not available in this version of the emulated "
+                            f"compiler", field=f"--{flag}",
+                            hint="compile without it; see docs/omg.md for what is supported")
+    if a.target != "om":
+        raise DoptError("only --target om is produced by the emulated compiler",
+                        field="--target", expected="om", found=a.target)
+    dest = _om_path(a.output)
+    model = _load_onnx(a.model)
+    profile = load_profile(a.profile)
+    shapes = parse_input_shape(a.input_shape, source="--input_shape", allow_dynamic=True) \
+        if a.input_shape else None
+    doc = P.read_params(a.compress_conf) if a.compress_conf else None
+    op_map = parse_op_name_map(a.op_name_map, profile) if a.op_name_map else None
+    om, report = compile_onnx(model, profile, params=doc, params_file=a.compress_conf,
+                              input_shapes=shapes, out_nodes=a.out_nodes,
+                              weight_data_type=a.weight_data_type, op_name_map=op_map,
+                              source=a.model)
+    report["model"] = a.model
+    if a.strict and report["summary"]["cpu"]:
+        _refuse_fallback(report)
+    print(render_text(report))
+    omfile.write_om(dest, om)
+    if a.check_report:
+        write_json_atomic(a.check_report, report)
+    import os
+    size = os.path.getsize(dest)
+    est = om.meta.get("estimate") or {}
+    total = (est.get("summary") or {}).get("total_ms")
+    print(f"\nwrote {dest}: {size / 1e6:.3f} MB, {len(om.graph['kernels'])} kernels, "
+          f"{len(om.quant['int8_layers'])} INT8 layers"
+          + (f", estimated latency {total:.3f} ms (estimate)" if total is not None else ""))
+    return 0
+
+
+def _refuse_fallback(report) -> None:
+    cpu = [x["node"] for x in report["nodes"] if x["outcome"] == "cpu"]
+    raise DoptError(f"{len(cpu)} operator(s) would fall back to the CPU: {', '.join(cpu)}",
+                    field="--strict", hint="see the check report for the reasons, or drop "
+                    "--strict to compile with a CPU partition")
+
+
+def run_dump(a) -> int:
+    """``--mode 1``: .om -> JSON, source model -> JSON, or a JSON dump -> .om (``--output``)."""
+    import json
+    from . import omfile
+    if a.om:
+        if not a.json:
+            raise DoptError("--json is required with --mode 1", field="--json")
+        write_json_atomic(a.json, omfile.to_json(omfile.read_om(a.om)))
+        print(f"wrote {a.json}")
+        return 0
+    if a.model:
+        _check_framework(a)
+        if not a.json:
+            raise DoptError("--json is required with --mode 1", field="--json")
+        from google.protobuf import json_format
+        model = _load_onnx(a.model)
+        write_json_atomic(a.json, json_format.MessageToDict(model))
+        print(f"wrote {a.json}")
+        return 0
+    if a.json and a.output:
+        p = Path(a.json)
+        if not p.is_file() or p.stat().st_size > omfile.MAX_FILE * 2:
+            raise DoptError("the JSON dump does not exist or is too large", file=a.json,
+                            field="--json")
+        try:
+            doc = json.loads(p.read_text("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DoptError(f"the JSON dump is not valid JSON ({e})", file=a.json) from None
+        dest = _om_path(a.output)
+        omfile.write_om(dest, omfile.from_json(doc, file=a.json))
+        print(f"wrote {dest}")
+        return 0
+    raise DoptError("--mode 1 needs --om (dump a .om), --model (dump a source model) or "
+                    "--json with --output (rebuild a .om from its dump)", field="--mode")
 
 
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     if a.mode == 3:
         return run_precheck(a)
-    raise DoptError(f"--mode {a.mode} is not available in this version of the emulated compiler",
-                    field="--mode", hint="use --mode 3 for the pre-check report")
+    if a.mode == 1:
+        return run_dump(a)
+    return run_compile(a)

@@ -81,14 +81,15 @@ def fused_into_conv(n: IRNode, ctx: Context):
     if n.fused_into:
         return Finding("fused_into_conv", FUSED,
                        f"{n.attrs.get('fused_as', n.op)} folded into {n.fused_into}",
-                       {"into": n.fused_into})
+                       {"into": n.fused_into}, "none needed: folded into the convolution's "
+                       "weights and bias at build time, at no run-time cost")
 
 
 @rule("shape_only")
 def shape_only(n: IRNode, ctx: Context):
     if n.op and ctx.profile.is_shape_only(n.op):
         return Finding("shape_only", FUSED, f"{n.op} only changes the shape: removed at build",
-                       {})
+                       {}, "none needed: the data is reinterpreted in place")
 
 
 @rule("int8_min_cin")

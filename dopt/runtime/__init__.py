@@ -1,0 +1,105 @@
+"""``dopt.runtime``: load a compiled ``.om`` and run it on the emulated NPU or the CPU.
+
+``device="npu"`` follows the NPU numerics (FP16 rounding per op, bit-exact INT8
+kernels), CPU-partition kernels in float32, data converted at partition edges as the
+hardware does (FP32 -> FP16 on the way in). ``device="cpu"`` runs everything in
+float32 (INT8 kernels stay integer), like choosing the CPU device in the reference's
+runtime; as there, it needs FP32 weights (``--weight_data_type FP32``).
+
+Two engines give the same answers: ``"fast"`` (one ONNX Runtime graph) and
+``"reference"`` (NumPy, op by op). The batch dimension is free: N samples in one
+call are N independent inferences of the compiled single-sample model.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import DoptError
+from ..npu.omfile import OmModel, read_om
+from .fast import FastEngine
+from .reference import FLOAT_DTYPES, ReferenceEngine
+
+DEVICES = ("npu", "cpu")
+ENGINES = ("fast", "reference")
+
+
+class Session:
+    """A loaded model bound to a device and an engine; ``run`` is synchronous."""
+
+    def __init__(self, om: OmModel, *, device: str = "npu", engine: str = "fast",
+                 path: str | None = None, threads: int = 0):
+        if device not in DEVICES:
+            raise DoptError("unknown device", field="device", expected=" or ".join(DEVICES),
+                            found=repr(device))
+        if engine not in ENGINES:
+            raise DoptError("unknown engine", field="engine", expected=" or ".join(ENGINES),
+                            found=repr(engine))
+        self.om, self.device, self.engine_name, self.path = om, device, engine, path
+        if device == "cpu":
+            half = sorted(n for n, t in om.tensors.items() if t.dtype == np.float16)
+            if half:
+                raise DoptError("the CPU device cannot compute with FP16 weights", file=path,
+                                field=half[0], hint="compile with --weight_data_type FP32 to run "
+                                "on the CPU, or use device='npu'")
+        npu = device == "npu"
+        self._engine = (FastEngine(om, npu=npu, threads=threads) if engine == "fast"
+                        else ReferenceEngine(om, npu=npu))
+
+    @property
+    def inputs(self) -> list[dict]:
+        return self.om.graph["inputs"]
+
+    @property
+    def outputs(self) -> list[str]:
+        return [o["name"] for o in self.om.graph["outputs"]]
+
+    @property
+    def estimate(self) -> dict | None:
+        return self.om.meta.get("estimate")
+
+    @property
+    def profile(self) -> dict:
+        return self.om.profile
+
+    def _feeds(self, feeds) -> dict:
+        if not isinstance(feeds, dict):
+            if len(self.inputs) != 1:
+                raise DoptError(f"the model has {len(self.inputs)} inputs: pass a dict",
+                                field="feeds", expected=", ".join(i["name"] for i in self.inputs))
+            feeds = {self.inputs[0]["name"]: feeds}
+        names = {i["name"] for i in self.inputs}
+        unknown = sorted(set(feeds) - names)
+        missing = sorted(names - set(feeds))
+        if unknown or missing:
+            raise DoptError(f"inputs do not match the model (missing: {missing or '-'}, "
+                            f"unknown: {unknown or '-'})", file=self.path, field="feeds",
+                            expected=", ".join(sorted(names)))
+        out = {}
+        for i in self.inputs:
+            a = np.asarray(feeds[i["name"]])
+            want = i["shape"]
+            if want and (a.ndim != len(want) or any(
+                    w > 0 and d != w for d, w in zip(a.shape[1:], want[1:]))):
+                raise DoptError(f"input '{i['name']}' has shape {list(a.shape)}", file=self.path,
+                                field=i["name"], expected=f"{want} (any batch size)",
+                                hint="resize/reshape the data to the compiled input shape")
+            if i["dtype"] in FLOAT_DTYPES:
+                a = a.astype(np.float32, copy=False)
+            else:
+                a = a.astype(i["dtype"], copy=False)
+            out[i["name"]] = np.ascontiguousarray(a)
+        return out
+
+    def run(self, feeds) -> dict[str, np.ndarray]:
+        """Inputs as ``{name: array}`` (or one array for single-input models)."""
+        return self._engine.run(self._feeds(feeds))
+
+    def predict(self, x, batch_size: int = 256) -> np.ndarray:
+        """First output for a large single-input array, evaluated in batches."""
+        name = self.outputs[0]
+        chunks = [self.run(x[i:i + batch_size])[name] for i in range(0, len(x), batch_size)]
+        return np.concatenate(chunks) if chunks else np.empty((0,))
+
+
+def load(path, *, device: str = "npu", engine: str = "fast", threads: int = 0) -> Session:
+    return Session(read_om(path), device=device, engine=engine, path=str(path), threads=threads)

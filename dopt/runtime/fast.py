@@ -1,0 +1,304 @@
+"""The fast engine: the whole compiled graph lowered to one ONNX Runtime graph.
+
+NPU numerics are reproduced with standard ONNX ops: every FP16 kernel's float
+output passes through ``Cast(float16) -> Cast(float)`` (round to nearest even);
+``Quantize`` is ``QuantizeLinear`` to uint8 with zero point ``o + 128`` (so the
+stored byte is ``q + 128``); INT8 convolutions / fully-connected layers are
+``ConvInteger`` / ``MatMulInteger`` with that zero point (int32 accumulation, padding
+with the zero point = real 0), plus the int32 bias; ``Dequantize`` is
+``Cast(float) * (s_d * s_w) -> Cast(float16)``. CPU kernels run as they are, FP32.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import DoptError, MissingExtraError
+
+FLOAT_DTYPES = ("float16", "float32", "float64")
+IR_VERSION = 8
+
+
+def _ort():
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise MissingExtraError("onnxruntime", "onnx", "Running compiled models") from None
+    return ort
+
+
+def session(model, threads: int = 0):
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+
+
+def onnx_attrs(k: dict, tensors: dict) -> dict:
+    from onnx import numpy_helper
+    out = {}
+    for name, a in k["attrs"].items():
+        if name == "input_offset":
+            continue
+        v = a["value"]
+        if a["kind"] == "tensor":
+            v = numpy_helper.from_array(tensors[v])
+        out[name] = v
+    return out
+
+
+def _elem(dtype: str) -> int:
+    from onnx import helper
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+def _opsets(opset: int, kernels) -> list:
+    from onnx import helper
+    doms = {k.get("domain") or "" for k in kernels} - {""}
+    return [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in sorted(doms)]
+
+
+def node_model(k: dict, ins: list, opset: int, tensors: dict | None = None):
+    """A one-node model whose inputs are ``in0, in1, ...`` (for the reference engine)."""
+    from onnx import helper
+    names = [f"in{i}" if v is not None else "" for i, v in enumerate(ins)]
+    node = helper.make_node(k["onnx_op"], names, [f"out{i}" for i in range(len(k["outputs"]))],
+                            domain=k.get("domain") or "", **onnx_attrs(k, tensors or {}))
+    g = helper.make_graph([node], k["name"],
+                          [helper.make_tensor_value_info(n, _elem(str(v.dtype)), v.shape)
+                           for n, v in zip(names, ins) if v is not None],
+                          [helper.make_tensor_value_info(f"out{i}", _elem(dt), None)
+                           for i, dt in enumerate(k["out_dtypes"])])
+    return helper.make_model(g, opset_imports=_opsets(opset, [k]), ir_version=IR_VERSION)
+
+
+def npu_boundary_inputs(kernels, graph_inputs, tensors) -> set:
+    """Float activations that enter an NPU kernel from outside the NPU (rounded to FP16)."""
+    dtype = {i["name"]: i["dtype"] for i in graph_inputs}
+    on_npu = set()
+    for k in kernels:
+        for t, dt in zip(k["outputs"], k["out_dtypes"]):
+            dtype[t] = dt
+            if k["device"] == "npu":
+                on_npu.add(t)
+    out = set()
+    for k in kernels:
+        if k["device"] != "npu":
+            continue
+        for t in k["inputs"]:
+            if t and t not in tensors and t not in on_npu and dtype.get(t) in FLOAT_DTYPES:
+                out.add(t)
+    return out
+
+
+FLOAT_EXACT_BOUND = 1 << 24  # integers below this add exactly in float32, in any order
+
+
+def exact_in_float(wq: np.ndarray, bq: np.ndarray | None) -> bool:
+    """True when a float32 convolution of ``q - o`` with ``wq`` is provably integer-exact.
+
+    Every partial sum is bounded by ``255 * sum|wq[c]| + |bq[c]|``; below 2**24 each is
+    an exactly representable integer, whatever the summation order of the BLAS.
+    """
+    per_c = np.abs(wq.reshape(wq.shape[0], -1).astype(np.int64)).sum(axis=1) * 255
+    if bq is not None:
+        per_c = per_c + np.abs(bq.astype(np.int64).reshape(-1))
+    return bool(per_c.max(initial=0) < FLOAT_EXACT_BOUND)
+
+
+def layer_of(k: dict) -> str:
+    """The quantized layer a Quantize / integer op / Dequantize kernel belongs to."""
+    for suffix in ("/quantize", "/dequantize"):
+        if k["op"] in ("Quantize", "Dequantize") and k["name"].endswith(suffix):
+            return k["name"][: -len(suffix)]
+    return k["name"]
+
+
+class _GraphBuilder:
+    def __init__(self, om, npu: bool):
+        from onnx import helper, numpy_helper, TensorProto
+        self.h, self.nh, self.TP = helper, numpy_helper, TensorProto
+        self.om, self.npu = om, npu
+        self.nodes, self.inits, self.done_inits = [], [], set()
+        self._t_cache: dict[str, np.ndarray] = {}
+
+    def const(self, name: str, arr=None) -> str:
+        if name not in self.done_inits:
+            a = self.om.tensors[name] if arr is None else arr
+            if a.dtype == np.float16:
+                a = a.astype(np.float32)
+            self.inits.append(self.nh.from_array(np.ascontiguousarray(a), name))
+            self.done_inits.add(name)
+        return name
+
+    def node(self, op, ins, outs, **attrs):
+        self.nodes.append(self.h.make_node(op, ins, outs, **attrs))
+
+    def round16(self, src: str, dst: str):
+        self.node("Cast", [src], [dst + "/f16"], to=self.TP.FLOAT16)
+        self.node("Cast", [dst + "/f16"], [dst], to=self.TP.FLOAT)
+
+    def build(self, debug: bool = False):
+        g = self.om.graph
+        kernels = g["kernels"]
+        boundary = npu_boundary_inputs(kernels, g["inputs"], self.om.tensors) if self.npu \
+            else set()
+        t = self.om.tensors
+        self.float_int = {k["name"] for k in kernels if (k["op"] or "").startswith("Quantized")
+                          and exact_in_float(t[k["inputs"][1]],
+                                             t[k["inputs"][2]] if len(k["inputs"]) > 2 else None)}
+        for t in sorted(boundary):
+            self.round16(t, t + "/to_npu")
+        for k in kernels:
+            ins = []
+            for t in k["inputs"]:
+                if t in self.om.tensors:
+                    ins.append(self.const(t))
+                elif k["device"] == "npu" and t in boundary:
+                    ins.append(t + "/to_npu")
+                else:
+                    ins.append(t)
+            getattr(self, f"_k_{k['op']}", self._k_generic)(k, ins)
+        h = self.h
+        inputs = [h.make_tensor_value_info(i["name"], _elem(i["dtype"]),
+                                           ["N"] + [d if d > 0 else None for d in i["shape"][1:]]
+                                           if i["shape"] else None) for i in g["inputs"]]
+        out_names = [o["name"] for o in g["outputs"]]
+        if debug:
+            out_names += [t for k in kernels for t in k["outputs"] if t and t not in out_names]
+        types = {t: dt for k in kernels for t, dt in zip(k["outputs"], k["out_dtypes"])}
+        for k in kernels:
+            if layer_of(k) in self.float_int and k["op"] != "Dequantize":
+                types.update({t: "float32" for t in k["outputs"]})
+            elif k["op"] == "Quantize":
+                types[k["outputs"][0]] = "uint8"
+        outputs = [h.make_tensor_value_info(t, _elem(types.get(t, "float32")), None)
+                   for t in out_names]
+        graph = h.make_graph(self.nodes, "dopt_om", inputs, outputs, self.inits)
+        return h.make_model(graph, opset_imports=_opsets(g["opset"], kernels),
+                            ir_version=IR_VERSION)
+
+    # -- kernels ---------------------------------------------------------------------
+    def _outputs(self, k):
+        """Names the op writes, and the FP16 rounding of float outputs on the NPU."""
+        raw = []
+        for t, dt in zip(k["outputs"], k["out_dtypes"]):
+            if t and self.npu and k["device"] == "npu" and dt in FLOAT_DTYPES:
+                raw.append(t + "/f32")
+            else:
+                raw.append(t)
+        return raw
+
+    def _finish(self, k, raw):
+        for t, r in zip(k["outputs"], raw):
+            if r != t:
+                self.round16(r, t)
+
+    def _k_generic(self, k, ins):
+        raw = self._outputs(k)
+        self.nodes.append(self.h.make_node(k["onnx_op"], ins, raw, name=k["name"],
+                                           domain=k.get("domain") or "",
+                                           **onnx_attrs(k, self.om.tensors)))
+        self._finish(k, raw)
+
+    def _fc(self, k, ins):
+        raw = self._outputs(k)
+        wt = self.const(k["inputs"][1] + "/T", self.om.tensors[k["inputs"][1]].T)
+        self.node("MatMul", [ins[0], wt], [raw[0] + "/mm"], name=k["name"])
+        self.node("Add", [raw[0] + "/mm", ins[2]], [raw[0]])
+        self._finish(k, raw)
+
+    _k_FullyConnection = _fc
+
+    def _k_Quantize(self, k, ins):
+        if layer_of(k) in self.float_int:
+            # q - o = clip(rint(x / s), -128 - o, 127 - o), carried as exact float32
+            o = k["attrs"]["offset"]["value"]
+            s = self.const(k["name"] + "/scale",
+                           np.array(k["attrs"]["scale"]["value"], np.float32))
+            lo = self.const(k["name"] + "/lo", np.array(-128 - o, np.float32))
+            hi = self.const(k["name"] + "/hi", np.array(127 - o, np.float32))
+            out = k["outputs"][0]
+            self.node("Div", [ins[0], s], [out + "/div"], name=k["name"])
+            self.node("Round", [out + "/div"], [out + "/round"])
+            self.node("Clip", [out + "/round", lo, hi], [out])
+            return
+        s = self.const(k["name"] + "/scale", np.array(k["attrs"]["scale"]["value"], np.float32))
+        zp = self.const(k["name"] + "/zp",
+                        np.array(k["attrs"]["offset"]["value"] + 128, np.uint8))
+        self.node("QuantizeLinear", [ins[0], s, zp], [k["outputs"][0]], name=k["name"])
+
+    def _int_op(self, k, ins, op, **attrs):
+        if k["name"] in self.float_int:
+            return self._int_as_float(k, ins, op, **attrs)
+        zp = self.const(k["name"] + "/x_zp",
+                        np.array(k["attrs"]["input_offset"]["value"] + 128, np.uint8))
+        wzp = self.const(k["name"] + "/w_zp", np.array(0, np.int8))
+        out = k["outputs"][0]
+        acc = out + "/nobias" if len(ins) > 2 else out
+        self.node(op, [ins[0], ins[1], zp, wzp], [acc], name=k["name"], **attrs)
+        if len(ins) > 2:
+            b = ins[2]
+            if op == "ConvInteger":
+                rank = len(self.om.tensors[k["inputs"][1]].shape)
+                b = self.const(b + "/bcast", self.om.tensors[k["inputs"][2]].reshape(
+                    (1, -1) + (1,) * (rank - 2)))
+            self.node("Add", [acc, b], [out])
+
+    def _int_as_float(self, k, ins, op, **attrs):
+        """Integer op as float32 op on exact integers (see ``exact_in_float``)."""
+        w = self.const(ins[1] + "/f", self.om.tensors.get(ins[1], self._t_cache.get(ins[1]))
+                       .astype(np.float32))
+        out = k["outputs"][0]
+        if op == "ConvInteger":
+            fins = [ins[0], w] + ([self.const(ins[2] + "/f", self.om.tensors[ins[2]]
+                                              .astype(np.float32))] if len(ins) > 2 else [])
+            self.node("Conv", fins, [out], name=k["name"], **attrs)
+        else:
+            if len(ins) > 2:
+                self.node("MatMul", [ins[0], w], [out + "/mm"], name=k["name"])
+                b = self.const(ins[2] + "/f", self.om.tensors[ins[2]].astype(np.float32))
+                self.node("Add", [out + "/mm", b], [out])
+            else:
+                self.node("MatMul", [ins[0], w], [out], name=k["name"])
+
+    def _k_QuantizedConvolution(self, k, ins):
+        self._int_op(k, ins, "ConvInteger", **onnx_attrs(k, self.om.tensors))
+
+    _k_QuantizedConvolutionDepthwise = _k_QuantizedConvolution
+
+    def _k_QuantizedFullyConnection(self, k, ins):
+        wt = self.const(k["inputs"][1] + "/T", self.om.tensors[k["inputs"][1]].T)
+        self._t_cache[wt] = self.om.tensors[k["inputs"][1]].T
+        self._int_op(k, [ins[0], wt] + ins[2:], "MatMulInteger")
+
+    def _k_Dequantize(self, k, ins):
+        out = k["outputs"][0]
+        raw = out + "/f32" if self.npu else out
+        if layer_of(k) in self.float_int:
+            self.node("Mul", [ins[0], ins[1]], [raw], name=k["name"])
+        else:
+            self.node("Cast", [ins[0]], [out + "/accf"], to=self.TP.FLOAT, name=k["name"])
+            self.node("Mul", [out + "/accf", ins[1]], [raw])
+        if raw != out:
+            self.round16(raw, out)
+
+
+class FastEngine:
+    def __init__(self, om, *, npu: bool = True, debug: bool = False, threads: int = 0):
+        builder = _GraphBuilder(om, npu)
+        self.model = builder.build(debug=debug)
+        self.float_int = builder.float_int
+        try:
+            self.sess = session(self.model, threads)
+        except Exception as e:  # noqa: BLE001 - report which model failed, not ORT internals
+            raise DoptError(f"the compiled graph cannot be loaded by the fast engine "
+                            f"({str(e).splitlines()[0][:300]})",
+                            hint="run with engine='reference' and report this model") from None
+        self.names = [o.name for o in self.sess.get_outputs()]
+
+    def run(self, feeds: dict) -> dict:
+        outs = self.sess.run(None, feeds)
+        return dict(zip(self.names, outs))

@@ -150,6 +150,21 @@ def validate_params(doc, *, file=None, graph: dict | None = None,
                 raise DoptError(f"node '{node}' has {ws[0]} output channels", file=file,
                                 field=f"{p}.weight.scales", expected=f"{ws[0]} scales",
                                 found=f"{len(scales)}")
+    fl = doc.get("float_layers")
+    if fl is not None:
+        if not isinstance(fl, list) or not all(isinstance(x, str) for x in fl):
+            raise DoptError("'float_layers' must be a list of node names", file=file,
+                            field="float_layers")
+        both = sorted(set(fl) & set(layers))
+        if both:
+            raise DoptError(f"node(s) both quantized and listed as float: {', '.join(both)}",
+                            file=file, field="float_layers")
+        if graph is not None:
+            unknown = sorted(set(fl) - set(graph))
+            if unknown:
+                raise DoptError(f"float_layers names node(s) the model does not have: "
+                                f"{', '.join(unknown)}", file=file, field="float_layers",
+                                hint="use the parameter file produced together with this model")
     if expected_layers is not None:
         expected = set(expected_layers)
         missing = sorted(expected - set(layers))

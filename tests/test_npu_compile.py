@@ -160,7 +160,7 @@ def test_mismatched_compress_conf_is_refused_naming_both_sides(tmp_path):
             "--output", str(tmp_path / "o"), "--compress_conf", str(tmp_path / "p.json")]
     _err(dopt(*base), "ghost", "p.json")
     doc = params_for(model, {k: v for k, v in RANGES.items() if k != "c2"})
-    doc["float_layers"] = ["fc"]
+    doc["float_layers"] = []
     (tmp_path / "p.json").write_text(json.dumps(doc))
     _err(dopt(*base), "c2", "float_layers")
     doc = params_for(model, RANGES)

@@ -12,7 +12,7 @@ from dopt.config import (check_against_model, format_input_shape, load_config,
                          parse_input_shape, write_config)
 from dopt.errors import DoptError
 
-from . import fake_quant as fq, layers as L
+from . import fake_quant as fq, layers as L, npu_edges
 from .modules import ActQuantizer, QuantConv2d, QuantLinear, quant_layers
 
 INFO_ATTR = "dopt_quant_info"
@@ -68,6 +68,20 @@ def generate_config_file(model, input_shape, dst_path):
                         format_input_shape(shapes))
 
 
+def npu_skips_int8(mods: dict, names) -> list[str]:
+    """Convolutions the target NPU would run in FP16 even if asked for INT8 (profile rule)."""
+    from dopt.npu.profile import load_profile
+    min_cin = load_profile().alignment["int8_min_cin"]
+    out = []
+    for n in names:
+        m = mods[n]
+        if isinstance(m, nn.Conv2d):
+            depthwise = m.groups > 1 and m.groups == m.in_channels
+            if not depthwise and m.in_channels < min_cin:
+                out.append(n)
+    return out
+
+
 def optimize_model(model, config_path):
     _reject_wrapped(model, "optimize_model")
     if getattr(model, INFO_ATTR, None) is not None:
@@ -79,8 +93,15 @@ def optimize_model(model, config_path):
     algorithms = plugin_manager.range_algorithms()
     check_against_model(cfg, L.quantizable_layers(model), L.STRATEGIES, algorithms)
     quantized = cfg.quantized_layers()
-    pairs = {c: b for c, b in L.conv_bn_pairs(model).items() if c in quantized}
     mods = dict(model.named_modules())
+    narrow = npu_skips_int8(mods, quantized)
+    if narrow:
+        warnings.warn(f"layer(s) {', '.join(narrow)}: the NPU runs INT8 convolutions only for "
+                      f"Cin > 16 and will run these in FP16, so the fake-quant model will not "
+                      f"predict the compiled one there; set them to 'float' in the config",
+                      stacklevel=2)
+    all_pairs = L.conv_bn_pairs(model)
+    pairs = {c: b for c, b in all_pairs.items() if c in quantized}
     for name in quantized:
         m = mods[name]
         alg = cfg.range_algorithm(name)
@@ -95,7 +116,9 @@ def optimize_model(model, config_path):
             q = QuantLinear(m, act)
         q.to(next(m.parameters()).device)
         L.set_module(model, name, q)
+    edges = npu_edges.install(model, set(quantized), all_pairs)
     setattr(model, INFO_ATTR, {"config": cfg.path, "quantized": quantized, "bn_pairs": pairs,
+                               "npu_edges": edges,
                                "input_shape": cfg.input_shape})
     return model
 
@@ -108,6 +131,7 @@ def set_calibrate_state(model, calibrate: bool):
     # Calibration only observes: nothing else (BN running statistics, dropout) may move,
     # so the model runs in eval mode until calibration ends, then gets its mode back.
     info = getattr(inner, INFO_ATTR)
+    info["npu_edges"].on = not calibrate
     if calibrate and "mode_before_calibration" not in info:
         info["mode_before_calibration"] = model.training
         model.eval()

@@ -23,7 +23,7 @@ from dopt.fileio import staged_outputs
 
 from . import api, layers as L
 from .checkpoint import load_into, load_state_dict
-from .modules import QuantConv2d, quant_layers
+from .modules import QuantConv2d, _QuantLayer, quant_layers
 
 FUSED_NAME = "model_fused.onnx"
 QDQ_NAME = "model_qdq.onnx"
@@ -146,6 +146,16 @@ def _compare(ref, got, rtol, atol, mean_rtol=None) -> float:
 
 
 def generate_final_model(model, config_file, pth_file, output_dir):
+    # The exported ONNX files and their checks are float32 between quantization points;
+    # the FP16 edges of the NPU are added by the compiler, not baked into the files.
+    _QuantLayer.npu_edges = False
+    try:
+        return _generate_final_model(model, config_file, pth_file, output_dir)
+    finally:
+        _QuantLayer.npu_edges = True
+
+
+def _generate_final_model(model, config_file, pth_file, output_dir):
     api._reject_wrapped(model, "generate_final_model")
     if getattr(model, api.INFO_ATTR, None) is not None:
         raise DoptError("generate_final_model expects a freshly built float model",
@@ -200,18 +210,19 @@ def generate_final_model(model, config_file, pth_file, output_dir):
                      if len(node.input) > 2 and node.input[2] else None),
             "folded_bn": getattr(q, "bn_name", None),
         }
+    doc["float_layers"] = sorted(set(graph) - set(doc["layers"]))
     P.validate_params(doc, file=PARAM_NAME, graph=graph, expected_layers=quantized)
     qdq = onnx_qdq.build_qdq(fused, doc)
 
     feeds = {k: v.numpy() for k, v in sample.items()}
     ref_float = _run_torch(_unfused_float(qmodel), sample)
+    ref_q = _run_torch(qmodel, sample)
     got_float = onnx_qdq.ort_session(fused.SerializeToString()).run(None, feeds)
     err = _compare(ref_float, got_float, FUSE_RTOL, FUSE_ATOL)
     if err > 1:
         raise DoptError("the exported float model does not reproduce the trained network "
                         f"(error {err:.2f}x the tolerance)", hint="report this as a bug in dopt "
                         "with the model definition")
-    ref_q = _run_torch(qmodel, sample)
     got_q = onnx_qdq.ort_session(qdq.SerializeToString()).run(None, feeds)
     err = _compare(ref_q, got_q, QDQ_RTOL, QDQ_ATOL, QDQ_MEAN_RTOL)
     if err > 1:

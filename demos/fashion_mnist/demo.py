@@ -25,6 +25,8 @@ from dopt.dopt_torch.opt_main import (generate_config_file, generate_final_model
                                       freeze_bn_stats, get_quant_loss, optimize_model,
                                       set_calibrate_state)
 
+from dopt_adapters.torch.api import npu_skips_int8
+
 from . import data, models
 
 HERE = Path(__file__).resolve().parent
@@ -81,17 +83,20 @@ def main(argv=None):
 
     model = build_float(a.model)
     acc_float = 100 * (predict(model, xte, desc="float eval") == yte).mean()
-    print(f"[1/5] float model {a.model}: top-1 {acc_float:.2f}%")
+    print(f"[1/6] float model {a.model}: top-1 {acc_float:.2f}%")
 
     # step 1: config template, then mark every layer Quant_INT8-8 (what a user edits by hand)
     gen = out / "config_gen.json"
     generate_config_file(model, "x:1,1,28,28", dst_path=str(gen))
     cfg = json.loads(gen.read_text())
-    for entry in cfg["layer_strategy"].values():
-        entry["quant_strategy"] = "Quant_INT8-8"
+    # INT8 where the NPU runs it: convolutions with Cin <= 16 stay float (the profile's rule)
+    narrow = set(npu_skips_int8(dict(model.named_modules()), cfg["layer_strategy"]))
+    for name, entry in cfg["layer_strategy"].items():
+        entry["quant_strategy"] = "float" if name in narrow else "Quant_INT8-8"
     cfg_path = out / "config.json"
     cfg_path.write_text(json.dumps(cfg, indent=2))
-    print(f"[2/5] config: {len(cfg['layer_strategy'])} layers set to Quant_INT8-8 in {cfg_path}")
+    print(f"[2/6] config: {len(cfg['layer_strategy']) - len(narrow)} layers set to Quant_INT8-8, "
+          f"{len(narrow)} kept float (Cin <= 16: {', '.join(sorted(narrow)) or '-'}) in {cfg_path}")
 
     # step 2a: no-training calibration
     t = time.time()
@@ -106,7 +111,7 @@ def main(argv=None):
     pred_cal = predict(qmodel, xte, desc="fake-quant eval")
     acc_cal = 100 * (pred_cal == yte).mean()
     torch.save(qmodel.state_dict(), out / "calibrated.pth")
-    print(f"[3/5] calibrated on {len(calib)} images in {t_cal:.1f}s: top-1 {acc_cal:.2f}%")
+    print(f"[3/6] calibrated on {len(calib)} images in {t_cal:.1f}s: top-1 {acc_cal:.2f}%")
 
     # step 2b: short QAT in an ordinary training loop
     opt = torch.optim.SGD(qmodel.parameters(), lr=a.lr, momentum=0.9)
@@ -135,7 +140,7 @@ def main(argv=None):
     torch.save(qmodel.state_dict(), pth)
     pred_qat = predict(qmodel, xte, desc="fake-quant eval")
     acc_qat = 100 * (pred_qat == yte).mean()
-    print(f"[4/5] QAT {done} steps (batch {a.batch}) in {t_qat:.1f}s: top-1 {acc_qat:.2f}%")
+    print(f"[4/6] QAT {done} steps (batch {a.batch}) in {t_qat:.1f}s: top-1 {acc_qat:.2f}%")
 
     # step 3: deployable files from a freshly built float model + the quant checkpoint
     t = time.time()
@@ -145,21 +150,63 @@ def main(argv=None):
     pred_qdq = predict_onnx(files["qdq_onnx"], xte)
     agree = 100 * (pred_qdq == pred_qat).mean()
     acc_qdq = 100 * (pred_qdq == yte).mean()
-    print(f"[5/5] final model written in {time.time() - t:.1f}s; ONNX Runtime QDQ top-1 "
+    print(f"[5/6] final model written in {time.time() - t:.1f}s; ONNX Runtime QDQ top-1 "
           f"{acc_qdq:.2f}%, agreement with fake-quant {agree:.2f}%")
+
+    # step 4: offline compilation for the NPU (FP16 and INT8) and the emulated runtime
+    npu = compile_and_run(final, files, xte, yte, pred_qat)
 
     print("\nsummary (10k Fashion-MNIST test images)")
     print(f"  float              {acc_float:6.2f}%")
     print(f"  calibrated INT8    {acc_cal:6.2f}%  ({acc_cal - acc_float:+.2f})")
     print(f"  QAT INT8           {acc_qat:6.2f}%  ({acc_qat - acc_float:+.2f})")
     print(f"  QDQ on ONNX Runtime {acc_qdq:5.2f}%  (agrees with fake-quant on {agree:.2f}%)")
+    for b in ("fp16", "int8"):
+        r = npu[b]
+        print(f"  emulated NPU {b.upper()}   {r['acc']:6.2f}%  (agrees with "
+              f"{'float' if b == 'fp16' else 'fake-quant'} on {r['agree']:.2f}%), "
+              f".om {r['size'] / 1024:.0f} KiB, estimated latency {r['latency_ms']:.3f} ms "
+              f"(estimate)")
+    print(f"  INT8 .om / FP16 .om size: {npu['int8']['size'] / npu['fp16']['size']:.3f}")
     print("files:")
     for p in sorted(out.rglob("*")):
         if p.is_file():
             print(f"  {p.relative_to(out.parent)}  ({p.stat().st_size / 1024:.0f} KiB)")
     print(f"total time {time.time() - t_start:.0f}s")
     return {"float": acc_float, "calibrated": acc_cal, "qat": acc_qat, "qdq": acc_qdq,
-            "agreement": agree}
+            "agreement": agree, "npu": npu}
+
+
+def compile_and_run(final: Path, files: dict, xte, yte, pred_qat) -> dict:
+    """``dopt omg`` twice (FP16 float build, INT8 build with the parameter file), then run."""
+    from dopt import runtime
+    from dopt.npu import omg
+    pred_float = predict_onnx(files["float_onnx"], xte)
+    res = {}
+    for build in ("fp16", "int8"):
+        t = time.time()
+        args = ["--mode", "0", "--framework", "5", "--model", str(files["float_onnx"]),
+                "--output", str(final / f"model_{build}"), "--input_shape", "x:1,1,28,28",
+                "--check_report", str(final / f"check_report_{build}.json")]
+        if build == "int8":
+            args += ["--compress_conf", str(files["param_file"])]
+        print(f"\n$ dopt omg {' '.join(args)}")
+        omg.main(args)
+        om_path = final / f"model_{build}.om"
+        sess = runtime.load(om_path)
+        pred = sess.predict(xte, batch_size=500).argmax(1)
+        ref = pred_qat if build == "int8" else pred_float
+        est = sess.estimate or {}
+        res[build] = {"acc": 100 * float((pred == yte).mean()),
+                      "agree": 100 * float((pred == ref).mean()),
+                      "size": om_path.stat().st_size,
+                      "latency_ms": float(est.get("summary", {}).get("total_ms", float("nan"))),
+                      "placement": sess.om.meta["summary"], "seconds": time.time() - t}
+        print(f"[6/6] {build.upper()} .om on the emulated NPU: top-1 {res[build]['acc']:.2f}%, "
+              f"agreement {res[build]['agree']:.2f}% "
+              f"with the {'fake-quant' if build == 'int8' else 'float'} model, "
+              f"placement {res[build]['placement']}")
+    return res
 
 
 if __name__ == "__main__":

@@ -1,0 +1,166 @@
+"""Emulated NPU: runtime throughput vs ONNX Runtime FP32, fidelity, and .om sizes.
+
+    python -m bench.bench_npu_runtime [--models resnet8 mobilenetv2s resnet18] [--images 2048]
+
+For the two Fashion-MNIST demo networks: dopt calibration (min/max, 512 training images,
+convolutions with Cin <= 16 left float as the NPU runs them), ``generate_final_model``,
+``dopt omg`` FP16 and INT8 builds, then on the 10k test images the top-1 agreement of the
+INT8 ``.om`` on the emulated NPU with the fake-quant PyTorch model. For ResNet-18
+(ImageNet shape, random weights: size and speed do not depend on values) the same
+pipeline calibrated on random inputs. Throughput: batch 32, the emulated NPU fast engine
+(FP16 and INT8 builds) against ONNX Runtime FP32 on the float ONNX model, same process,
+same threads, interleaved runs, best of 3. Writes bench/results/npu_runtime.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from demos.fashion_mnist import data, demo, models
+from dopt import onnx_qdq, runtime
+from dopt.dopt_torch.opt_main import (generate_config_file, generate_final_model,
+                                      optimize_model, set_calibrate_state)
+from dopt.npu import omg
+from dopt_adapters.torch.api import npu_skips_int8
+
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def _config(model, shape: str, dst: Path) -> Path:
+    generate_config_file(model, shape, dst_path=str(dst / "gen.json"))
+    cfg = json.loads((dst / "gen.json").read_text())
+    narrow = set(npu_skips_int8(dict(model.named_modules()), cfg["layer_strategy"]))
+    for name, e in cfg["layer_strategy"].items():
+        e["quant_strategy"] = "float" if name in narrow else "Quant_INT8-8"
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst / "config.json"
+
+
+def _pipeline(build, shape: str, calib: np.ndarray, dst: Path):
+    cfg = _config(build(), shape, dst)
+    q = optimize_model(build(), str(cfg))
+    set_calibrate_state(q, True)
+    with torch.no_grad():
+        for i in range(0, len(calib), 64):
+            q(torch.from_numpy(calib[i:i + 64]))
+    set_calibrate_state(q, False)
+    torch.save(q.state_dict(), dst / "q.pth")
+    files = generate_final_model(build(), str(cfg), pth_file=str(dst / "q.pth"),
+                                 output_dir=str(dst / "final"))
+    oms = {}
+    for b in ("fp16", "int8"):
+        args = ["--mode", "0", "--framework", "5", "--model", files["float_onnx"],
+                "--output", str(dst / f"model_{b}"), "--input_shape", shape]
+        if b == "int8":
+            args += ["--compress_conf", files["param_file"]]
+        omg.main(args)
+        oms[b] = dst / f"model_{b}.om"
+    return q, files, oms
+
+
+def _throughput(fns: dict, x: np.ndarray, batch: int = 32, repeats: int = 3) -> dict:
+    best = {k: float("inf") for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            fn(x[:batch])  # warm
+            t = time.perf_counter()
+            for i in range(0, len(x) - batch + 1, batch):
+                fn(x[i:i + batch])
+            best[k] = min(best[k], time.perf_counter() - t)
+    n = (len(x) // batch) * batch
+    return {k: n / v for k, v in best.items()}
+
+
+def bench_model(name: str, n_images: int, threads: int) -> dict:
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        dst = Path(tmp)
+        if name == "resnet18":
+            from bench.zoo_models import resnet18
+            rng = np.random.default_rng(0)
+            calib = rng.standard_normal((64, 3, 224, 224)).astype(np.float32)
+            x = rng.standard_normal((max(n_images // 8, 64), 3, 224, 224)).astype(np.float32)
+
+            def build():
+                torch.manual_seed(0)
+                return resnet18().eval()
+            q, files, oms = _pipeline(build, "x:1,3,224,224", calib, dst)
+            y = labels = None
+        else:
+            xtr, _ = data.load("train")
+            x, labels = data.load("test")
+            calib = xtr[np.random.default_rng(0).permutation(len(xtr))[:512]]
+            q, files, oms = _pipeline(lambda: demo.build_float(name), "x:1,1,28,28", calib, dst)
+        row = {"model": name, "om_bytes": {b: p.stat().st_size for b, p in oms.items()}}
+        row["int8_over_fp16_size"] = row["om_bytes"]["int8"] / row["om_bytes"]["fp16"]
+        sess = {b: runtime.load(p, threads=threads) for b, p in oms.items()}
+        ort_fp32 = onnx_qdq.ort_session(files["float_onnx"], optimize=True)
+        if threads:
+            import onnxruntime as ort
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            ort_fp32 = ort.InferenceSession(files["float_onnx"], so,
+                                            providers=["CPUExecutionProvider"])
+        iname = ort_fp32.get_inputs()[0].name
+        if labels is not None:
+            pred_fq = demo.predict(q, x)
+            pred_npu = sess["int8"].predict(x, 500).argmax(1)
+            pred_fp16 = sess["fp16"].predict(x, 500).argmax(1)
+            pred_float = demo.predict_onnx(files["float_onnx"], x)
+            row.update({
+                "fake_quant_top1": float(100 * (pred_fq == labels).mean()),
+                "npu_int8_top1": float(100 * (pred_npu == labels).mean()),
+                "int8_agreement_with_fake_quant": float(100 * (pred_npu == pred_fq).mean()),
+                "npu_fp16_top1": float(100 * (pred_fp16 == labels).mean()),
+                "fp16_agreement_with_float": float(100 * (pred_fp16 == pred_float).mean())})
+        xs = x[:n_images]
+        ips = _throughput({"ort_fp32": lambda b: ort_fp32.run(None, {iname: b}),
+                           "npu_fp16": lambda b: sess["fp16"].run(b),
+                           "npu_int8": lambda b: sess["int8"].run(b)}, xs)
+        row["images_per_s"] = ips
+        row["slowdown_vs_ort_fp32"] = {b: ips["ort_fp32"] / ips[f"npu_{b}"]
+                                       for b in ("fp16", "int8")}
+        row["estimated_ms"] = {b: (sess[b].estimate or {}).get("summary", {}).get("total_ms")
+                               for b in sess}
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["resnet8", "mobilenetv2s", "resnet18"])
+    ap.add_argument("--images", type=int, default=2048, help="images timed per engine")
+    ap.add_argument("--threads", type=int, default=0, help="0: ONNX Runtime's default")
+    ap.add_argument("--results", default=str(OUT / "npu_runtime.json"))
+    a = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    rows = [bench_model(m, a.images, a.threads) for m in a.models]
+    doc = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or 'cpu'}, "
+           f"{__import__('os').cpu_count()} logical CPUs, {platform.system()}",
+           "command": "python -m bench.bench_npu_runtime " + " ".join(argv or []), "rows": rows}
+    Path(a.results).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.results).write_text(json.dumps(doc, indent=1))
+    print("\n| model | INT8/FP16 .om size | INT8 agreement w/ fake-quant | FP16 agreement w/ float "
+          "| ORT FP32 img/s | NPU FP16 img/s (slowdown) | NPU INT8 img/s (slowdown) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        ips, sl = r["images_per_s"], r["slowdown_vs_ort_fp32"]
+        print(f"| {r['model']} | {r['int8_over_fp16_size']:.3f} "
+              f"({r['om_bytes']['int8'] / 1e6:.2f} / {r['om_bytes']['fp16'] / 1e6:.2f} MB) | "
+              f"{r.get('int8_agreement_with_fake_quant', float('nan')):.2f} % | "
+              f"{r.get('fp16_agreement_with_float', float('nan')):.2f} % | "
+              f"{ips['ort_fp32']:.0f} | {ips['npu_fp16']:.0f} ({sl['fp16']:.2f}x) | "
+              f"{ips['npu_int8']:.0f} ({sl['int8']:.2f}x) |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -253,3 +253,26 @@ def test_dopt_run_cli(tmp_path):
     np.save(tmp_path / "bad.npy", x[:, :3])
     _err(dopt("run", "--om", str(tmp_path / "a.om"), "--input", str(tmp_path / "bad.npy")),
          "'x'", "32, 12, 12")
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda g: g["kernels"][1]["inputs"].__setitem__(0, "ghost"), "ghost"),
+    (lambda g: g["kernels"][0].pop("device"), "device"),
+    (lambda g: g["kernels"][0].__setitem__("device", "gpu"), "unknown device"),
+    (lambda g: g["outputs"].__setitem__(0, {"name": "nowhere"}), "graph.outputs[0]"),
+    (lambda g: g["kernels"][1]["attrs"].__setitem__("group", {"kind": "code", "value": 1}),
+     "group"),
+    (lambda g: g.__setitem__("kernels", "x"), "graph.kernels"),
+])
+def test_well_signed_om_with_a_bad_graph_is_refused(tmp_path, mutate, needle):
+    """A checksum-valid file whose graph was not written by the compiler: clear error."""
+    import copy
+    model = int8_net()
+    om, _ = compile_onnx(model, load_profile(), params=params_for(model, RANGES))
+    bad = omfile.OmModel(copy.deepcopy(om.graph), om.tensors, om.profile, om.quant, om.meta)
+    mutate(bad.graph)
+    omfile.write_om(tmp_path / "bad.om", bad)
+    with pytest.raises(DoptError, match="corrupt") as e:
+        load(tmp_path / "bad.om")
+    assert needle in str(e.value) and "bad.om" in str(e.value)
+    _err(dopt("run", "--om", str(tmp_path / "bad.om")), "bad.om")

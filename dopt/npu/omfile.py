@@ -169,6 +169,65 @@ def _from_manifest(path, man, payload: bytes) -> OmModel:
     return OmModel(man["graph"], tensors, man["profile"], man["quant"], man["meta"])
 
 
+_KERNEL_KEYS = {"name": str, "op": (str, type(None)), "onnx_op": str, "device": str,
+                "precision": str, "inputs": list, "outputs": list, "out_dtypes": list,
+                "attrs": dict}
+_ATTR_KINDS = ("float", "int", "str", "tensor", "floats", "ints", "strs")
+MAX_KERNELS = 1 << 20
+
+
+def check_graph(model: OmModel, path=None) -> None:
+    """The compiled graph is well formed: every kernel reads only what exists before it.
+
+    The checksum catches accidental damage; this catches a well-formed file whose graph
+    was written by something else, before any engine trusts it.
+    """
+    g = model.graph
+    def bad(what, fld):
+        return _bad(path or "<memory>", what, field=fld)
+    for key, typ in (("inputs", list), ("outputs", list), ("kernels", list), ("opset", int)):
+        if not isinstance(g.get(key), typ):
+            raise bad(f"graph.{key} missing or of the wrong type", f"graph.{key}")
+    if len(g["kernels"]) > MAX_KERNELS:
+        raise bad("too many kernels", "graph.kernels")
+    known = set(model.tensors)
+    for i, inp in enumerate(g["inputs"]):
+        if not (isinstance(inp, dict) and isinstance(inp.get("name"), str)
+                and isinstance(inp.get("shape"), list) and inp.get("dtype") in DTYPES):
+            raise bad("graph input entry malformed", f"graph.inputs[{i}]")
+        known.add(inp["name"])
+    for i, k in enumerate(g["kernels"]):
+        fld = f"graph.kernels[{i}]"
+        if not isinstance(k, dict):
+            raise bad("kernel entry is not an object", fld)
+        for key, typ in _KERNEL_KEYS.items():
+            if not isinstance(k.get(key), typ):
+                raise bad(f"kernel field '{key}' missing or of the wrong type", f"{fld}.{key}")
+        if k["device"] not in ("npu", "cpu"):
+            raise bad(f"kernel '{k['name']}' has an unknown device", f"{fld}.device")
+        if len(k["outputs"]) != len(k["out_dtypes"]) or not all(
+                d in DTYPES for d in k["out_dtypes"]):
+            raise bad(f"kernel '{k['name']}' has malformed output types", f"{fld}.out_dtypes")
+        for t in k["inputs"]:
+            if not isinstance(t, str) or (t and t not in known):
+                raise bad(f"kernel '{k['name']}' reads '{t}', which nothing produces before it",
+                          f"{fld}.inputs")
+        for name, a in k["attrs"].items():
+            if not isinstance(a, dict) or a.get("kind") not in _ATTR_KINDS or "value" not in a:
+                raise bad(f"kernel '{k['name']}' has a malformed attribute '{name}'",
+                          f"{fld}.attrs.{name}")
+            if a["kind"] == "tensor" and a["value"] not in model.tensors:
+                raise bad(f"kernel '{k['name']}' attribute '{name}' names a missing tensor",
+                          f"{fld}.attrs.{name}")
+        for t in k["outputs"]:
+            if not isinstance(t, str):
+                raise bad(f"kernel '{k['name']}' has a malformed output", f"{fld}.outputs")
+            known.add(t)
+    for i, o in enumerate(g["outputs"]):
+        if not isinstance(o, dict) or o.get("name") not in known:
+            raise bad("graph output is not produced by any kernel", f"graph.outputs[{i}]")
+
+
 def to_json(model: OmModel) -> dict:
     """``--mode 1``: the whole model as JSON (tensors base64-encoded, exact)."""
     return {"format": "dopt.om.json", "format_version": FORMAT_VERSION,

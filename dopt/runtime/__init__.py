@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import DoptError
-from ..npu.omfile import OmModel, read_om
+from ..npu.omfile import OmModel, check_graph, read_om
 from .fast import FastEngine
 from .reference import FLOAT_DTYPES, ReferenceEngine
 
@@ -34,6 +34,7 @@ class Session:
         if engine not in ENGINES:
             raise DoptError("unknown engine", field="engine", expected=" or ".join(ENGINES),
                             found=repr(engine))
+        check_graph(om, path)
         self.om, self.device, self.engine_name, self.path = om, device, engine, path
         if device == "cpu":
             half = sorted(n for n, t in om.tensors.items() if t.dtype == np.float16)

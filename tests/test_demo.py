@@ -12,9 +12,13 @@ def test_demo_resnet8_short(tmp_path):
     assert r["float"] > 90.0
     assert r["calibrated"] >= r["float"] - 0.5
     assert r["agreement"] >= 99.9
+    assert r["npu"]["int8"]["agree"] >= 99.9      # fake-quant predicts the compiled INT8 .om
+    assert r["npu"]["fp16"]["agree"] >= 99.9      # FP16 .om vs the float model
+    assert r["npu"]["int8"]["size"] < 0.7 * r["npu"]["fp16"]["size"]
     final = tmp_path / "out" / "final"
-    assert {p.name for p in final.iterdir()} == {"model_fused.onnx", "model_qdq.onnx",
-                                                 "quant_param.json"}
+    assert {p.name for p in final.iterdir()} == {
+        "model_fused.onnx", "model_qdq.onnx", "quant_param.json", "model_fp16.om",
+        "model_int8.om", "check_report_fp16.json", "check_report_int8.json"}
 
 
 @pytest.mark.slow
@@ -23,3 +27,4 @@ def test_demo_default_mobilenetv2_meets_bars(tmp_path):
     assert r["calibrated"] >= r["float"] - 1.0
     assert r["qat"] >= r["float"] - 0.3
     assert r["agreement"] >= 99.9
+    assert r["npu"]["int8"]["agree"] >= 99.9

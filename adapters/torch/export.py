@@ -23,7 +23,8 @@ from dopt.fileio import staged_outputs
 
 from . import api, layers as L
 from .checkpoint import load_into, load_state_dict
-from .modules import QuantConv2d, _QuantLayer, quant_layers
+from .modules import QuantConv2d, quant_layers
+from .npu_edges import npu_numerics
 
 FUSED_NAME = "model_fused.onnx"
 QDQ_NAME = "model_qdq.onnx"
@@ -148,11 +149,8 @@ def _compare(ref, got, rtol, atol, mean_rtol=None) -> float:
 def generate_final_model(model, config_file, pth_file, output_dir):
     # The exported ONNX files and their checks are float32 between quantization points;
     # the FP16 edges of the NPU are added by the compiler, not baked into the files.
-    _QuantLayer.npu_edges = False
-    try:
+    with npu_numerics(False):
         return _generate_final_model(model, config_file, pth_file, output_dir)
-    finally:
-        _QuantLayer.npu_edges = True
 
 
 def _generate_final_model(model, config_file, pth_file, output_dir):

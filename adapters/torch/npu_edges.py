@@ -8,6 +8,8 @@ Training is untouched; ``_QuantLayer.npu_edges = False`` switches the emulation 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -95,3 +97,14 @@ def install(model: nn.Module, quantized, pairs: dict[str, str]) -> _State:
         if isinstance(m, nn.BatchNorm2d):
             m.register_forward_hook(_bn_passthrough(st) if name in paired_bns else _bn_alone(st))
     return st
+
+
+@contextmanager
+def npu_numerics(on: bool):
+    """Switch the eval-mode NPU emulation (both quantized and float layers) on or off."""
+    old = _QuantLayer.npu_edges
+    _QuantLayer.npu_edges = on
+    try:
+        yield
+    finally:
+        _QuantLayer.npu_edges = old

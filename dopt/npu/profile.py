@@ -27,6 +27,13 @@ OPERATOR_KEYS = ("category", "stars", "int8", "int8_form", "shape_only", "fusabl
                  "guide_zh", "guide_en")
 ALIGNMENT_KEYS = ("fp16_channel_block", "int8_channel_block", "int8_min_cin",
                   "concat_split_inplace_block")
+# cost_model: rates (> 0), overheads and sizes (>= 0), efficiencies (0, 1], switches
+COST_MODEL_RATES = ("fp16_tops", "int8_tops", "ddr_gbps", "cpu_gflops", "cpu_npu_transfer_gbps",
+                    "low_recommendation_slowdown")
+COST_MODEL_AMOUNTS = ("onchip_buffer_kb", "kernel_launch_us", "cpu_op_us",
+                      "cpu_npu_transfer_latency_us")
+COST_MODEL_FRACTIONS = ("depthwise_efficiency",)
+COST_MODEL_FLAGS = ("calibrated", "fuse_activation_into_conv")
 
 
 @dataclass(frozen=True)
@@ -151,6 +158,8 @@ def _validate(raw: Any, path: str) -> None:
             raise bad(f"alignment.{key}", "alignment values must be positive integers",
                       "a positive integer", value)
 
+    _validate_cost_model(raw["cost_model"], bad)
+
     ops = raw["operators"]
     for name, entry in ops.items():
         if not isinstance(entry, dict):
@@ -168,3 +177,21 @@ def _validate(raw: Any, path: str) -> None:
         if form is not None and form not in ops:
             raise bad(f"operators.{name}.int8_form", "names an operator not in the table",
                       "null or an operator listed under 'operators'", form)
+
+
+def _validate_cost_model(cm: dict, bad) -> None:
+    for key in COST_MODEL_FLAGS:
+        if not isinstance(cm.get(key), bool):
+            raise bad(f"cost_model.{key}", "a cost-model switch is missing or not a boolean",
+                      "true or false", cm.get(key, "nothing"))
+    for keys, lo_ok, expected in ((COST_MODEL_RATES, False, "a positive number"),
+                                  (COST_MODEL_AMOUNTS, True, "a number >= 0"),
+                                  (COST_MODEL_FRACTIONS, False, "a number in (0, 1]")):
+        for key in keys:
+            value = cm.get(key)
+            ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+                  and (value > 0 or (lo_ok and value == 0)) and value < float("inf")
+                  and (keys is not COST_MODEL_FRACTIONS or value <= 1))
+            if not ok:
+                raise bad(f"cost_model.{key}", "a cost-model constant is missing or out of range",
+                          expected, "nothing" if key not in cm else value)

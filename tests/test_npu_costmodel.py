@@ -1,0 +1,196 @@
+"""The NPU cost model: padding, INT8 vs FP16, CPU fallback transfers, labels, profile checks."""
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from dopt.errors import DoptError  # noqa: E402
+from dopt.npu.costmodel import estimate, render_text  # noqa: E402
+from dopt.npu.lower import lower_onnx  # noqa: E402
+from dopt.npu.precheck import precheck  # noqa: E402
+from dopt.npu.profile import PROFILES_DIR, load_profile  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _w(name, *shape):
+    rng = np.random.default_rng(0)
+    return numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
+
+
+def _model(nodes, inits, x_shape, out="y"):
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, list(x_shape))], [helper.make_tensor_value_info(
+            out, TensorProto.FLOAT, None)], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def _estimate(model, int8=(), profile=None):
+    profile = profile or load_profile()
+    graph = lower_onnx(model)
+    return estimate(graph, precheck(graph, profile, int8), profile)
+
+
+def _kernel(est, name):
+    return next(k for k in est["kernels"] if k["node"] == name)
+
+
+def test_channel_padding_and_waste():
+    """24 output channels pad to 32 in FP16 (25 % waste); depthwise pads channels only."""
+    m = _model([helper.make_node("Conv", ["x", "w"], ["c"], name="conv24"),
+                helper.make_node("Conv", ["c", "wd"], ["y"], name="dw24", group=24,
+                                 pads=[1, 1, 1, 1])],
+               [_w("w", 24, 16, 1, 1), _w("wd", 24, 1, 3, 3)], (1, 16, 8, 8))
+    est = _estimate(m)
+    conv, dw = _kernel(est, "conv24"), _kernel(est, "dw24")
+    assert conv["macs"] == 8 * 8 * 24 * 16 and conv["padded_macs"] == 8 * 8 * 32 * 16
+    assert conv["padding_waste"] == pytest.approx(0.25)
+    assert dw["op"] == "ConvolutionDepthwise"
+    assert dw["macs"] == 8 * 8 * 24 * 9 and dw["padded_macs"] == 8 * 8 * 32 * 9
+    assert est["top_padding"][0]["node"] == "conv24"
+    assert est["summary"]["padding_waste"] == pytest.approx(0.25)
+
+
+def test_int8_block_is_32():
+    """The same 24-channel conv in INT8 (Cin 48 > 16) pads 48 -> 64 and 24 -> 32."""
+    m = _model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")],
+               [_w("w", 24, 48, 1, 1)], (1, 48, 8, 8))
+    k = _kernel(_estimate(m, int8=["conv"]), "conv")
+    assert k["int8"] and k["padded_macs"] == 8 * 8 * 32 * 64
+    assert k["weight_bytes"] == 24 * 48  # one byte per INT8 weight
+
+
+def test_int8_faster_than_fp16_for_a_wide_conv():
+    m = _model([helper.make_node("Conv", ["x", "w"], ["y"], name="wide", pads=[1, 1, 1, 1])],
+               [_w("w", 256, 256, 3, 3)], (1, 256, 28, 28))
+    fp16, int8 = _kernel(_estimate(m), "wide"), _kernel(_estimate(m, ["wide"]), "wide")
+    assert int8["int8"] and not fp16["int8"]
+    assert int8["time_us"] < fp16["time_us"]
+    assert int8["weight_bytes"] * 2 == fp16["weight_bytes"]
+
+
+def test_transposed_conv_executes_on_the_output_grid():
+    """Stride-2 ConvTranspose runs as a conv over the zero-inserted input: 4x the MACs."""
+    m = _model([helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="up", strides=[2, 2])],
+               [_w("w", 16, 16, 2, 2)], (1, 16, 4, 4))
+    k = _kernel(_estimate(m), "up")
+    assert k["macs"] == 4 * 4 * 16 * 16 * 4 and k["padded_macs"] == 8 * 8 * 16 * 16 * 4
+
+
+def test_cpu_fallback_adds_transfers_at_partition_edges():
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], name="conv_in"),
+             helper.make_node("Einsum", ["a", "e"], ["b"], name="einsum",
+                              equation="nchw,cd->ndhw"),
+             helper.make_node("Conv", ["b", "w1"], ["y"], name="conv_out")]
+    m = _model(nodes, [_w("w0", 16, 16, 1, 1), _w("e", 16, 16), _w("w1", 16, 16, 1, 1)],
+               (1, 16, 8, 8))
+    est = _estimate(m)
+    cm = load_profile().cost_model
+    assert _kernel(est, "einsum")["device"] == "cpu"
+    assert [(x["tensor"], x["from"], x["to"]) for x in est["transfers"]] == [
+        ("a", "npu", "cpu"), ("b", "cpu", "npu")]
+    for x in est["transfers"]:
+        assert x["bytes"] == 16 * 8 * 8 * 2
+        assert x["time_us"] == pytest.approx(x["bytes"] / (cm["cpu_npu_transfer_gbps"] * 1e3)
+                                             + cm["cpu_npu_transfer_latency_us"])
+    s = est["summary"]
+    assert s["cpu_kernels"] == 1 and s["transfer_ms"] > 0
+    assert s["total_ms"] == pytest.approx(s["npu_ms"] + s["cpu_ms"] + s["transfer_ms"])
+    assert "transfer a" in render_text(est)
+
+
+def test_fused_nodes_add_to_their_conv_and_memory_peak():
+    """BN folds and ReLU rides in the conv's output stage: one kernel; liveness peak."""
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], name="conv0"),
+             helper.make_node("BatchNormalization", ["c0", "g", "b", "m", "v"], ["b0"], name="bn"),
+             helper.make_node("Relu", ["b0"], ["r0"], name="relu"),
+             helper.make_node("Conv", ["r0", "w1"], ["y"], name="conv1")]
+    inits = [_w("w0", 32, 16, 1, 1), _w("g", 32), _w("b", 32), _w("m", 32),
+             numpy_helper.from_array(np.ones(32, np.float32), "v"), _w("w1", 16, 32, 1, 1)]
+    est = _estimate(_model(nodes, inits, (1, 16, 8, 8)))
+    assert [k["node"] for k in est["kernels"]] == ["conv0", "conv1"]
+    assert _kernel(est, "conv0")["fused"] == ["bn", "relu"]
+    s = est["summary"]
+    assert s["weight_bytes"] == (32 * 16 + 16 * 32) * 2
+    assert s["peak_activation_bytes"] == (16 + 32) * 64 * 2  # x + r0, then r0 + y
+    assert s["peak_memory_bytes"] == s["weight_bytes"] + s["peak_activation_bytes"]
+
+
+def test_estimate_is_labelled_and_stamped():
+    m = _model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")],
+               [_w("w", 16, 16, 3, 3)], (1, 16, 8, 8))
+    p = load_profile()
+    est = _estimate(m, profile=p)
+    assert est["estimate"] is True and est["profile"] == p.stamp()
+    assert "estimate" in est["label"].lower() and p.version in est["label"]
+    text = render_text(est)
+    assert text.splitlines()[0] == est["label"] and text.splitlines()[-1] == est["label"]
+    assert "| 0 | conv | Convolution | npu | fp16 |" in text and "estimated total" in text
+    json.dumps(est)  # plain data, storable as is
+
+
+def test_uncalibrated_profile_says_so():
+    p = load_profile()
+    raw = dict(p.cost_model, calibrated=False)
+    m = _model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [], (1, 16, 8, 8))
+    est = _estimate(m, profile=replace(p, cost_model=raw))
+    assert "uncalibrated" in est["label"] and est["calibrated"] is False
+
+
+def _broken(raw, case):
+    cm = raw["cost_model"]
+    if case == "missing":
+        del cm["fp16_tops"]
+        return "cost_model.fp16_tops"
+    if case == "string":
+        cm["ddr_gbps"] = "fast"
+        return "cost_model.ddr_gbps"
+    if case == "negative":
+        cm["kernel_launch_us"] = -1
+        return "cost_model.kernel_launch_us"
+    if case == "fraction":
+        cm["depthwise_efficiency"] = 1.5
+        return "cost_model.depthwise_efficiency"
+    if case == "flag":
+        cm["calibrated"] = "yes"
+        return "cost_model.calibrated"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["missing", "string", "negative", "fraction", "flag"])
+def test_broken_cost_model_names_the_field(tmp_path, case):
+    raw = json.loads((PROFILES_DIR / "kirin9000.json").read_text(encoding="utf-8"))
+    field = _broken(raw, case)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(raw, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(DoptError) as e:
+        load_profile(path)
+    assert str(path) in str(e.value) and f"field '{field}'" in str(e.value)
+
+
+def test_profile_holds_the_recorded_calibration():
+    """The shipped constants are the ones bench/results/cost_model.json reports on."""
+    results = ROOT / "bench" / "results" / "cost_model.json"
+    if not results.is_file():
+        pytest.skip("no calibration results")
+    res = json.loads(results.read_text(encoding="utf-8"))
+    cm = load_profile().cost_model
+    assert cm["calibrated"] is True
+    for key, value in res["fitted"].items():
+        assert cm[key] == pytest.approx(value), key
+    for prec in ("fp16", "int8"):
+        assert res["summary"][prec]["median_abs_error_pct"] <= 25.0
+
+
+def test_costmodel_imports_no_framework():
+    code = ("import sys, dopt.npu.costmodel; "
+            "bad = [m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

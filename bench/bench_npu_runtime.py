@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from demos.fashion_mnist import data, demo, models
+from demos.fashion_mnist import data, demo
 from dopt import onnx_qdq, runtime
 from dopt.dopt_torch.opt_main import (generate_config_file, generate_final_model,
                                       optimize_model, set_calibrate_state)
@@ -93,7 +93,7 @@ def bench_model(name: str, n_images: int, threads: int) -> dict:
                 torch.manual_seed(0)
                 return resnet18().eval()
             q, files, oms = _pipeline(build, "x:1,3,224,224", calib, dst)
-            y = labels = None
+            labels = None
         else:
             xtr, _ = data.load("train")
             x, labels = data.load("test")

@@ -249,7 +249,7 @@ def run_kernel(k: dict, ins: list, *, opset: int, npu: bool) -> list:
 
 
 class ReferenceEngine:
-    def __init__(self, om: OmModel, *, npu: bool = True):
+    def __init__(self, om, *, npu: bool = True):
         self.om, self.npu = om, npu
         g = om.graph
         self.boundary = npu_boundary_inputs(g["kernels"], g["inputs"], om.tensors) if npu \

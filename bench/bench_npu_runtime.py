@@ -92,7 +92,7 @@ def bench_model(name: str, n_images: int, threads: int) -> dict:
             def build():
                 torch.manual_seed(0)
                 return resnet18().eval()
-            q, files, oms = _pipeline(build, "x:1,3,224,224", calib, dst)
+            q, files, oms = _pipeline(build, "input:1,3,224,224", calib, dst)
             labels = None
         else:
             xtr, _ = data.load("train")

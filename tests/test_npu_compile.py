@@ -276,3 +276,24 @@ def test_well_signed_om_with_a_bad_graph_is_refused(tmp_path, mutate, needle):
         load(tmp_path / "bad.om")
     assert needle in str(e.value) and "bad.om" in str(e.value)
     _err(dopt("run", "--om", str(tmp_path / "bad.om")), "bad.om")
+
+
+@pytest.mark.parametrize("build", ["int8", "fp16", "mixed"])
+def test_rounding_plan_is_bit_identical_to_rounding_every_op(build):
+    """The fast engine skips provably redundant FP16 casts; with the same ORT kernels
+    (optimizations off) the result equals rounding after every op."""
+    model = mixed_placement_model() if build == "mixed" else int8_net()
+    params = params_for(model, RANGES) if build == "int8" else None
+    om, _ = compile_onnx(model, load_profile(), params=params)
+    shape = [3] + om.graph["inputs"][0]["shape"][1:]
+    x = np.random.default_rng(9).standard_normal(shape).astype(np.float32)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    outs = []
+    for debug in (False, True):
+        b = fast._GraphBuilder(om, True)
+        m = b.build(debug=debug)
+        assert bool(b.no_round) != debug
+        s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        outs.append(s.run([om.graph["outputs"][0]["name"]], {"x": x})[0])
+    assert np.array_equal(*outs)

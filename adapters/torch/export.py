@@ -81,7 +81,26 @@ def _export_onnx(model, sample: dict):
     for o in m.graph.output:
         if o.type.tensor_type.shape.dim:
             o.type.tensor_type.shape.dim[0].dim_param = "batch"
+    _materialize_identities(m)
     return m
+
+
+def _materialize_identities(m) -> None:
+    """The exporter shares identical constants through ``Identity`` nodes; give each its own
+    initializer so every layer's weight and bias is an initializer of its own name."""
+    inits = {i.name: i for i in m.graph.initializer}
+    keep = []
+    for n in m.graph.node:
+        if n.op_type == "Identity" and n.input[0] in inits:
+            t = type(inits[n.input[0]])()
+            t.CopyFrom(inits[n.input[0]])
+            t.name = n.output[0]
+            m.graph.initializer.append(t)
+            inits[t.name] = t
+        else:
+            keep.append(n)
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
 
 
 def _scope_to_module(node_name: str) -> str | None:

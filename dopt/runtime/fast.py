@@ -116,6 +116,19 @@ def layer_of(k: dict) -> str:
     return k["name"]
 
 
+# Ops whose output elements are input elements (or constants): FP16 inputs give FP16 outputs.
+VALUE_PRESERVING = {"Relu", "MaxPool", "GlobalMaxPool", "Reshape", "Flatten", "Squeeze",
+                    "Unsqueeze", "Transpose", "Concat", "Split", "Identity", "Dropout", "Clip",
+                    "Slice", "Gather", "DepthToSpace", "SpaceToDepth", "Tile", "Expand"}
+# Monotone maps with FP16-representable fixed points commute with FP16 rounding.
+MONOTONE_CLAMPS = {"Relu", "Clip"}
+
+
+def _fp16_exact(v) -> bool:
+    a = np.asarray(v, np.float32)
+    return bool(np.all(a.astype(np.float16).astype(np.float32) == a) | np.all(np.isinf(a)))
+
+
 class _GraphBuilder:
     def __init__(self, om, npu: bool):
         from onnx import helper, numpy_helper, TensorProto
@@ -123,6 +136,7 @@ class _GraphBuilder:
         self.om, self.npu = om, npu
         self.nodes, self.inits, self.done_inits = [], [], set()
         self._t_cache: dict[str, np.ndarray] = {}
+        self.no_round: set[str] = set()
 
     def const(self, name: str, arr=None) -> str:
         if name not in self.done_inits:
@@ -136,6 +150,53 @@ class _GraphBuilder:
     def node(self, op, ins, outs, **attrs):
         self.nodes.append(self.h.make_node(op, ins, outs, **attrs))
 
+    def _plan_rounding(self, kernels, boundary) -> set:
+        """Float outputs whose FP16 rounding is provably a no-op or can move one op later.
+
+        (a) a value-preserving op on FP16 values yields FP16 values; (b) a float op whose
+        only reader is ReLU/Clip (FP16-representable bounds) is rounded after the clamp
+        instead: fp16(clamp(y)) == clamp(fp16(y)). Bit-identical to rounding every op; it
+        removes casts and lets ONNX Runtime fuse Conv + activation.
+        """
+        t = self.om.tensors
+        readers: dict[str, list] = {}
+        for k in kernels:
+            for x in k["inputs"]:
+                readers.setdefault(x, []).append(k)
+        outs = {o["name"] for o in self.om.graph["outputs"]}
+        half = set(boundary)
+        skip = set()
+
+        def clamp_ok(k):
+            if k["device"] != "npu" or k["onnx_op"] not in MONOTONE_CLAMPS:
+                return False
+            return all(x in t and _fp16_exact(t[x]) for x in k["inputs"][1:] if x)
+
+        for k in kernels:
+            if k["device"] != "npu":
+                continue
+            floats = [(o, dt) for o, dt in zip(k["outputs"], k["out_dtypes"])
+                      if dt in FLOAT_DTYPES and o]
+            if not floats:
+                continue
+            acts = [x for x in k["inputs"] if x and x not in t]
+            consts_half = all(t[x].dtype == np.float16 or t[x].dtype.kind != "f"
+                              for x in k["inputs"] if x in t)
+            if (k["onnx_op"] in VALUE_PRESERVING and (k["onnx_op"] != "Clip" or clamp_ok(k))
+                    and acts and all(x in half for x in acts) and consts_half):
+                skip.update(o for o, _ in floats)
+                half.update(o for o, _ in floats)
+                continue
+            if len(floats) == 1:
+                o = floats[0][0]
+                rd = readers.get(o, [])
+                if o not in outs and len(rd) == 1 and clamp_ok(rd[0]) \
+                        and rd[0]["inputs"][0] == o:
+                    skip.add(o)
+                    continue
+            half.update(o for o, _ in floats)
+        return skip
+
     def round16(self, src: str, dst: str):
         self.node("Cast", [src], [dst + "/f16"], to=self.TP.FLOAT16)
         self.node("Cast", [dst + "/f16"], [dst], to=self.TP.FLOAT)
@@ -145,6 +206,8 @@ class _GraphBuilder:
         kernels = g["kernels"]
         boundary = npu_boundary_inputs(kernels, g["inputs"], self.om.tensors) if self.npu \
             else set()
+        self.no_round = self._plan_rounding(kernels, boundary) if self.npu and not debug \
+            else set()
         t = self.om.tensors
         self.float_int = {k["name"] for k in kernels if (k["op"] or "").startswith("Quantized")
                           and exact_in_float(t[k["inputs"][1]],
@@ -153,9 +216,11 @@ class _GraphBuilder:
             self.round16(t, t + "/to_npu")
         for k in kernels:
             ins = []
+            # these handlers register the constant form they use themselves
+            lazy = (k["op"] or "").startswith("Quantized") or k["onnx_op"] == "FullyConnection"
             for t in k["inputs"]:
                 if t in self.om.tensors:
-                    ins.append(self.const(t))
+                    ins.append(t if lazy else self.const(t))
                 elif k["device"] == "npu" and t in boundary:
                     ins.append(t + "/to_npu")
                 else:
@@ -185,7 +250,8 @@ class _GraphBuilder:
         """Names the op writes, and the FP16 rounding of float outputs on the NPU."""
         raw = []
         for t, dt in zip(k["outputs"], k["out_dtypes"]):
-            if t and self.npu and k["device"] == "npu" and dt in FLOAT_DTYPES:
+            if t and self.npu and k["device"] == "npu" and dt in FLOAT_DTYPES \
+                    and t not in self.no_round:
                 raw.append(t + "/f32")
             else:
                 raw.append(t)
@@ -207,23 +273,23 @@ class _GraphBuilder:
         raw = self._outputs(k)
         wt = self.const(k["inputs"][1] + "/T", self.om.tensors[k["inputs"][1]].T)
         self.node("MatMul", [ins[0], wt], [raw[0] + "/mm"], name=k["name"])
-        self.node("Add", [raw[0] + "/mm", ins[2]], [raw[0]])
+        self.node("Add", [raw[0] + "/mm", self.const(ins[2])], [raw[0]])
         self._finish(k, raw)
 
     _k_FullyConnection = _fc
 
     def _k_Quantize(self, k, ins):
         if layer_of(k) in self.float_int:
-            # q - o = clip(rint(x / s), -128 - o, 127 - o), carried as exact float32
+            # q - o as exact float32: QuantizeLinear (int8, zero point o) then
+            # DequantizeLinear with scale 1 and the same zero point
             o = k["attrs"]["offset"]["value"]
             s = self.const(k["name"] + "/scale",
                            np.array(k["attrs"]["scale"]["value"], np.float32))
-            lo = self.const(k["name"] + "/lo", np.array(-128 - o, np.float32))
-            hi = self.const(k["name"] + "/hi", np.array(127 - o, np.float32))
+            zp = self.const(k["name"] + "/zp8", np.array(o, np.int8))
+            one = self.const(k["name"] + "/one", np.array(1.0, np.float32))
             out = k["outputs"][0]
-            self.node("Div", [ins[0], s], [out + "/div"], name=k["name"])
-            self.node("Round", [out + "/div"], [out + "/round"])
-            self.node("Clip", [out + "/round", lo, hi], [out])
+            self.node("QuantizeLinear", [ins[0], s, zp], [out + "/q"], name=k["name"])
+            self.node("DequantizeLinear", [out + "/q", one, zp], [out])
             return
         s = self.const(k["name"] + "/scale", np.array(k["attrs"]["scale"]["value"], np.float32))
         zp = self.const(k["name"] + "/zp",
@@ -238,13 +304,16 @@ class _GraphBuilder:
         wzp = self.const(k["name"] + "/w_zp", np.array(0, np.int8))
         out = k["outputs"][0]
         acc = out + "/nobias" if len(ins) > 2 else out
-        self.node(op, [ins[0], ins[1], zp, wzp], [acc], name=k["name"], **attrs)
+        w = self.const(ins[1], self._t_cache.get(ins[1]))
+        self.node(op, [ins[0], w, zp, wzp], [acc], name=k["name"], **attrs)
         if len(ins) > 2:
             b = ins[2]
             if op == "ConvInteger":
                 rank = len(self.om.tensors[k["inputs"][1]].shape)
                 b = self.const(b + "/bcast", self.om.tensors[k["inputs"][2]].reshape(
                     (1, -1) + (1,) * (rank - 2)))
+            else:
+                b = self.const(b)
             self.node("Add", [acc, b], [out])
 
     def _int_as_float(self, k, ins, op, **attrs):
@@ -270,13 +339,13 @@ class _GraphBuilder:
     _k_QuantizedConvolutionDepthwise = _k_QuantizedConvolution
 
     def _k_QuantizedFullyConnection(self, k, ins):
-        wt = self.const(k["inputs"][1] + "/T", self.om.tensors[k["inputs"][1]].T)
-        self._t_cache[wt] = self.om.tensors[k["inputs"][1]].T
+        wt = k["inputs"][1] + "/T"
+        self._t_cache[wt] = np.ascontiguousarray(self.om.tensors[k["inputs"][1]].T)
         self._int_op(k, [ins[0], wt] + ins[2:], "MatMulInteger")
 
     def _k_Dequantize(self, k, ins):
         out = k["outputs"][0]
-        raw = out + "/f32" if self.npu else out
+        raw = out + "/f32" if self.npu and out not in self.no_round else out
         if layer_of(k) in self.float_int:
             self.node("Mul", [ins[0], ins[1]], [raw], name=k["name"])
         else:

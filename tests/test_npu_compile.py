@@ -104,8 +104,12 @@ def test_int8_kernels_bit_exact_in_both_fast_paths(monkeypatch):
     assert [k["op"] for k in om.graph["kernels"]][:3] == ["Quantize", "QuantizedConvolution",
                                                           "Dequantize"]
     x = np.random.default_rng(4).standard_normal((6, 32, 12, 12)).astype(np.float32) * 2
-    for bound in (fast.FLOAT_EXACT_BOUND, 0):  # float-exact path, then integer ONNX ops
+    # float-exact whole layers; float-exact channel chunks summed in int32; integer ONNX ops
+    for bound, mode in ((fast.FLOAT_EXACT_BOUND, "whole"), (1 << 20, "chunked"), (0, "int")):
         monkeypatch.setattr(fast, "FLOAT_EXACT_BOUND", bound)
+        eng = fast.FastEngine(om)
+        assert bool(eng.float_int) == (mode != "int")
+        assert bool(eng.chunks) == (mode == "chunked")
         rows = kernel_agreement(om, {"x": x})
         int8 = [r for r in rows if r["precision"] == "int8"]
         assert len(int8) == 12 and all(r["exact"] for r in int8), int8

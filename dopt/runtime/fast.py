@@ -108,6 +108,32 @@ def exact_in_float(wq: np.ndarray, bq: np.ndarray | None) -> bool:
     return bool(per_c.max(initial=0) < FLOAT_EXACT_BOUND)
 
 
+MAX_CHUNKS = 8
+
+
+def exact_chunks(wq: np.ndarray) -> list[int] | None:
+    """Input-channel chunks small enough for an integer-exact float32 op each.
+
+    For a weight too large for ``exact_in_float`` as a whole: contiguous chunks of input
+    channels, each with worst-case partial sums below 2**24 for every output channel.
+    The chunk results are then added in int32. ``None`` when more than ``MAX_CHUNKS``
+    would be needed (the integer ONNX ops are used instead).
+    """
+    per = np.abs(wq.astype(np.int64)).reshape(wq.shape[0], wq.shape[1], -1).sum(axis=2) * 255
+    sizes, acc, n = [], np.zeros(wq.shape[0], np.int64), 0
+    for c in range(wq.shape[1]):
+        col = per[:, c]
+        if col.max() >= FLOAT_EXACT_BOUND:
+            return None
+        if n and (acc + col).max() >= FLOAT_EXACT_BOUND:
+            sizes.append(n)
+            acc, n = np.zeros_like(acc), 0
+        acc += col
+        n += 1
+    sizes.append(n)
+    return sizes if len(sizes) <= MAX_CHUNKS else None
+
+
 def layer_of(k: dict) -> str:
     """The quantized layer a Quantize / integer op / Dequantize kernel belongs to."""
     for suffix in ("/quantize", "/dequantize"):
@@ -212,6 +238,15 @@ class _GraphBuilder:
         self.float_int = {k["name"] for k in kernels if (k["op"] or "").startswith("Quantized")
                           and exact_in_float(t[k["inputs"][1]],
                                              t[k["inputs"][2]] if len(k["inputs"]) > 2 else None)}
+        self.chunks = {}
+        for k in kernels:
+            if (k["op"] in ("QuantizedConvolution", "QuantizedFullyConnection")
+                    and k["name"] not in self.float_int
+                    and int((k["attrs"].get("group") or {}).get("value", 1)) == 1):
+                sizes = exact_chunks(t[k["inputs"][1]])
+                if sizes:
+                    self.chunks[k["name"]] = sizes
+        self.float_q = self.float_int | set(self.chunks)
         for t in sorted(boundary):
             self.round16(t, t + "/to_npu")
         for k in kernels:
@@ -238,7 +273,7 @@ class _GraphBuilder:
             if layer_of(k) in self.float_int and k["op"] != "Dequantize":
                 types.update({t: "float32" for t in k["outputs"]})
             elif k["op"] == "Quantize":
-                types[k["outputs"][0]] = "uint8"
+                types[k["outputs"][0]] = "float32" if layer_of(k) in self.float_q else "uint8"
         outputs = [h.make_tensor_value_info(t, _elem(types.get(t, "float32")), None)
                    for t in out_names]
         graph = h.make_graph(self.nodes, "dopt_om", inputs, outputs, self.inits)
@@ -279,7 +314,7 @@ class _GraphBuilder:
     _k_FullyConnection = _fc
 
     def _k_Quantize(self, k, ins):
-        if layer_of(k) in self.float_int:
+        if layer_of(k) in self.float_q:
             # q - o as exact float32: QuantizeLinear (int8, zero point o) then
             # DequantizeLinear with scale 1 and the same zero point
             o = k["attrs"]["offset"]["value"]
@@ -299,6 +334,8 @@ class _GraphBuilder:
     def _int_op(self, k, ins, op, **attrs):
         if k["name"] in self.float_int:
             return self._int_as_float(k, ins, op, **attrs)
+        if k["name"] in self.chunks:
+            return self._int_chunked(k, ins, op, **attrs)
         zp = self.const(k["name"] + "/x_zp",
                         np.array(k["attrs"]["input_offset"]["value"] + 128, np.uint8))
         wzp = self.const(k["name"] + "/w_zp", np.array(0, np.int8))
@@ -333,6 +370,42 @@ class _GraphBuilder:
             else:
                 self.node("MatMul", [ins[0], w], [out], name=k["name"])
 
+    def _int_chunked(self, k, ins, op, **attrs):
+        """Integer op as a sum, in int32, of integer-exact float32 ops on channel chunks."""
+        sizes = self.chunks[k["name"]]
+        out = k["outputs"][0]
+        w = self._t_cache.get(ins[1], self.om.tensors.get(ins[1]))
+        if op == "MatMulInteger":  # w is (K, C): chunks along K = rows
+            w = np.ascontiguousarray(w.T)
+        axis = 1 if op == "ConvInteger" else -1
+        split = self.const(k["name"] + "/chunks", np.array(sizes, np.int64))
+        parts = [f"{out}/x{i}" for i in range(len(sizes))]
+        self.node("Split", [ins[0], split], parts, axis=axis, name=k["name"])
+        acc, start = None, 0
+        for i, (part, n) in enumerate(zip(parts, sizes)):
+            wi = w[:, start:start + n].astype(np.float32)
+            start += n
+            if op == "ConvInteger":
+                self.node("Conv", [part, self.const(f"{k['name']}/w{i}", wi)], [part + "/y"],
+                          **attrs)
+            else:
+                self.node("MatMul", [part, self.const(f"{k['name']}/w{i}",
+                                                      np.ascontiguousarray(wi.T))],
+                          [part + "/y"])
+            self.node("Cast", [part + "/y"], [part + "/i"], to=self.TP.INT32)
+            if acc is None:
+                acc = part + "/i"
+            else:
+                self.node("Add", [acc, part + "/i"], [part + "/sum"])
+                acc = part + "/sum"
+        if len(ins) > 2:
+            b = self.om.tensors[k["inputs"][2]]
+            if op == "ConvInteger":
+                b = b.reshape((1, -1) + (1,) * (len(w.shape) - 2))
+            self.node("Add", [acc, self.const(k["inputs"][2] + "/bcast", b)], [out])
+        else:
+            self.node("Identity", [acc], [out])
+
     def _k_QuantizedConvolution(self, k, ins):
         self._int_op(k, ins, "ConvInteger", **onnx_attrs(k, self.om.tensors))
 
@@ -360,6 +433,8 @@ class FastEngine:
         builder = _GraphBuilder(om, npu)
         self.model = builder.build(debug=debug)
         self.float_int = builder.float_int
+        self.float_q = builder.float_q
+        self.chunks = builder.chunks
         try:
             self.sess = session(self.model, threads)
         except Exception as e:  # noqa: BLE001 - report which model failed, not ORT internals

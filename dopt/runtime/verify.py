@@ -27,11 +27,11 @@ def fp16_ulp_distance(a, b) -> np.ndarray:
     return np.abs(ordered(a) - ordered(b))
 
 
-def _as_reference(k: dict, v: np.ndarray, float_int: set) -> np.ndarray:
+def _as_reference(k: dict, v: np.ndarray, float_q: set) -> np.ndarray:
     """Fast-engine tensors in the reference's representation (int8 q, int32 acc)."""
     if k["op"] == "Quantize":
         o = k["attrs"]["offset"]["value"]
-        if layer_of(k) in float_int:
+        if layer_of(k) in float_q:
             return (v.astype(np.int32) + o).astype(np.int8)
         return (v.astype(np.int32) - 128).astype(np.int8)
     if (k["op"] or "").startswith("Quantized"):
@@ -43,7 +43,7 @@ def kernel_agreement(om, feeds: dict, *, npu: bool = True) -> list[dict]:
     fast = FastEngine(om, npu=npu, debug=True)
     env = dict(feeds)
     env.update(fast.run(feeds))
-    float_int = fast.float_int
+    float_q = fast.float_q
     ref = ReferenceEngine(om, npu=npu)
     by_out = {t: k for k in om.graph["kernels"] for t in k["outputs"]}
     rows = []
@@ -57,13 +57,13 @@ def kernel_agreement(om, feeds: dict, *, npu: bool = True) -> list[dict]:
             else:
                 v = env[t]
                 if t in by_out:
-                    v = _as_reference(by_out[t], v, float_int)
+                    v = _as_reference(by_out[t], v, float_q)
                 if k["device"] == "npu" and t in ref.boundary:
                     v = fp16(v)
                 ins.append(v)
         want = run_kernel(k, ins, opset=om.graph["opset"], npu=npu)
         for t, w, dt in zip(k["outputs"], want, k["out_dtypes"]):
-            got = _as_reference(k, env[t], float_int)
+            got = _as_reference(k, env[t], float_q)
             int8_kernel = k["precision"] == "int8"
             if dt in FLOAT_DTYPES and not int8_kernel or k["op"] == "Dequantize" and not npu:
                 d = np.abs(got.astype(np.float64) - w)

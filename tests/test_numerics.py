@@ -66,3 +66,12 @@ def test_offset_form_equivalence():
 def test_zero_exact(lo, hi):
     s, o = nm.activation_qparams(lo, hi)
     assert nm.dequantize_activation(nm.quantize_activation(0.0, s, o), s, o) == 0.0
+
+
+def test_fp16_rounding_golden():
+    """docs/numerics.md, 'FP16 everywhere else': the runtime's rounding."""
+    from dopt.runtime.reference import fp16
+    x = np.array([0.1, 65519.0, 65520.0, 1 + 2 ** -11, 1 + 3 * 2 ** -11], np.float32)
+    with np.errstate(over="ignore"):
+        got = fp16(x)
+    assert got.tolist() == [0.0999755859375, 65504.0, float("inf"), 1.0, 1.001953125]

@@ -64,16 +64,11 @@ MAX_INPUT_BYTES = 2 << 30
 
 def _load_array(spec: str, default_name: str | None) -> tuple[str, object]:
     import numpy as np
-    from pathlib import Path
+    from .fileio import existing_file
     name, sep, path = spec.partition("=")
     if not sep:
         name, path = default_name, spec
-    p = Path(path)
-    if not p.is_file():
-        raise DoptError("the input file does not exist", file=path, field="--input")
-    if p.stat().st_size > MAX_INPUT_BYTES:
-        raise DoptError("the input file is too large", file=path, field="--input",
-                        expected=f"at most {MAX_INPUT_BYTES} bytes")
+    p = existing_file(path, field="--input", max_bytes=MAX_INPUT_BYTES, what="input file")
     try:
         arr = np.load(p, allow_pickle=False)
     except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault

@@ -80,3 +80,14 @@ def reject_duplicate_keys(pairs: list) -> dict:
             raise DuplicateKeyError(k)
         out[k] = v
     return out
+
+
+def existing_file(path, *, field: str, max_bytes: int, what: str = "file") -> Path:
+    """A user-given input file that exists and is not larger than ``max_bytes``."""
+    p = Path(path)
+    if not p.is_file():
+        raise DoptError(f"the {what} does not exist", file=str(path), field=field)
+    if p.stat().st_size > max_bytes:
+        raise DoptError(f"the {what} is too large", file=str(path), field=field,
+                        expected=f"at most {max_bytes} bytes")
+    return p

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..config import parse_input_shape
 from ..errors import DoptError
-from ..fileio import write_json_atomic
+from ..fileio import existing_file, write_json_atomic
 
 FRAMEWORKS = {0: "Caffe", 3: "TensorFlow", 5: "ONNX", 6: "MindSpore"}
 MAX_MODEL_BYTES = 2 << 30
@@ -50,12 +50,7 @@ def build_parser(prog="dopt omg") -> argparse.ArgumentParser:
 
 
 def _load_onnx(path: str):
-    p = Path(path)
-    if not p.is_file():
-        raise DoptError("the model file does not exist", file=path, field="--model")
-    if p.stat().st_size > MAX_MODEL_BYTES:
-        raise DoptError("the model file is too large", file=path, field="--model",
-                        expected=f"at most {MAX_MODEL_BYTES} bytes")
+    p = existing_file(path, field="--model", max_bytes=MAX_MODEL_BYTES, what="model file")
     try:
         import onnx
     except ImportError:

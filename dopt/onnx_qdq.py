@@ -15,12 +15,18 @@ from .errors import DoptError, MissingExtraError
 QDQ_MIN_OPSET = 13
 
 
-def _onnx():
+def require_onnx(purpose: str = "Reading ONNX models"):
+    """The ``onnx`` module, or a MissingExtraError naming what needed it."""
     try:
         import onnx
-        from onnx import numpy_helper
     except ImportError:
-        raise MissingExtraError("onnx", "onnx", "Writing ONNX models") from None
+        raise MissingExtraError("onnx", "onnx", purpose) from None
+    return onnx
+
+
+def _onnx():
+    onnx = require_onnx("Writing ONNX models")
+    from onnx import numpy_helper
     return onnx, numpy_helper
 
 
@@ -140,11 +146,16 @@ def build_qdq(model, params: dict):
     return m
 
 
-def ort_session(path_or_bytes, *, optimize: bool = False):
-    """A CPU ONNX Runtime session; graph optimizations off unless asked (exact QDQ semantics)."""
+def ort_session(path_or_bytes, *, optimize: bool = False, threads: int = 0):
+    """A CPU ONNX Runtime session; graph optimizations off unless asked (exact QDQ semantics).
+
+    ``threads``: intra-op threads, 0 for ONNX Runtime's default.
+    """
     ort = _ort()
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(path_or_bytes, so, providers=["CPUExecutionProvider"])

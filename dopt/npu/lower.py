@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import DoptError, MissingExtraError
-from ..onnx_qdq import weight_axis
+from ..errors import DoptError
+from ..onnx_qdq import require_onnx, weight_axis
 
 # ONNX op -> IR op; a callable picks by attributes/shapes. Ops absent here have no NPU form.
 _ACTIVATIONS = {"Relu", "Sigmoid", "Tanh", "LeakyRelu", "Elu", "Selu", "Softplus", "Softsign",
@@ -67,14 +67,6 @@ class IRGraph:
         return [n for n in self.nodes if tensor in n.inputs]
 
 
-def _onnx():
-    try:
-        import onnx
-    except ImportError:
-        raise MissingExtraError("onnx", "onnx", "Reading ONNX models") from None
-    return onnx
-
-
 def _attr(node, name, default=None):
     from onnx import helper
     for a in node.attribute:
@@ -108,7 +100,7 @@ def _conv_attrs(node, shapes, inits) -> dict:
 
 def lower_onnx(model, input_shapes: dict | None = None) -> IRGraph:
     """Lower an ``onnx.ModelProto``; ``input_shapes`` overrides graph input dims first."""
-    onnx = _onnx()
+    onnx = require_onnx()
     m = onnx.ModelProto()
     m.CopyFrom(model)
     inits = {i.name for i in m.graph.initializer}

@@ -9,7 +9,8 @@ samples in one call.
 """
 from __future__ import annotations
 
-from ..errors import DoptError, MissingExtraError
+from ..errors import DoptError
+from ..onnx_qdq import require_onnx
 
 TARGET_OPSET = 17
 MIN_OPSET = 7
@@ -18,20 +19,12 @@ IR_VERSION = 8
 MAX_FOLD_ELEMENTS = 1 << 24  # never materialise a huge folded constant
 
 
-def _onnx():
-    try:
-        import onnx
-    except ImportError:
-        raise MissingExtraError("onnx", "onnx", "Compiling ONNX models") from None
-    return onnx
-
-
 def model_opset(model) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def convert_opset(model, file=None):
-    onnx = _onnx()
+    onnx = require_onnx("Compiling ONNX models")
     v = model_opset(model)
     if not MIN_OPSET <= v <= MAX_OPSET:
         raise DoptError(f"the model uses ONNX opset {v}", file=file, field="opset_import",
@@ -186,7 +179,7 @@ def _numel(t) -> int:
 
 
 def infer_shapes(model, file=None):
-    onnx = _onnx()
+    onnx = require_onnx("Compiling ONNX models")
     try:
         return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     except Exception as e:  # noqa: BLE001

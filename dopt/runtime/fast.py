@@ -1,39 +1,33 @@
 """The fast engine: the whole compiled graph lowered to one ONNX Runtime graph.
 
 NPU numerics are reproduced with standard ONNX ops: every FP16 kernel's float
-output passes through ``Cast(float16) -> Cast(float)`` (round to nearest even);
-``Quantize`` is ``QuantizeLinear`` to uint8 with zero point ``o + 128`` (so the
-stored byte is ``q + 128``); INT8 convolutions / fully-connected layers are
-``ConvInteger`` / ``MatMulInteger`` with that zero point (int32 accumulation, padding
-with the zero point = real 0), plus the int32 bias; ``Dequantize`` is
-``Cast(float) * (s_d * s_w) -> Cast(float16)``. CPU kernels run as they are, FP32.
+output passes through ``Cast(float16) -> Cast(float)`` (round to nearest even),
+except where ``_plan_rounding`` proves the cast a no-op or moves it past a clamp.
+An INT8 layer takes the first of three lowerings that applies, all integer-exact:
+
+* whole: ``q - o`` as float32 (``QuantizeLinear`` + ``DequantizeLinear``) into a
+  float32 Conv/MatMul, when every partial sum stays below 2**24 (``exact_in_float``);
+* chunked: the same on input-channel chunks, chunk results added in int32
+  (``exact_chunks``);
+* integer: ``QuantizeLinear`` to uint8 with zero point ``o + 128`` into
+  ``ConvInteger`` / ``MatMulInteger`` (padding with the zero point = real 0).
+
+``Dequantize`` is ``float32(acc) * (s_d * s_w)`` then the FP16 rounding. CPU kernels
+run as they are, FP32.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..errors import DoptError, MissingExtraError
+from ..errors import DoptError
+from ..onnx_qdq import ort_session
 
 FLOAT_DTYPES = ("float16", "float32", "float64")
 IR_VERSION = 8
 
 
-def _ort():
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise MissingExtraError("onnxruntime", "onnx", "Running compiled models") from None
-    return ort
-
-
 def session(model, threads: int = 0):
-    ort = _ort()
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), so,
-                                providers=["CPUExecutionProvider"])
+    return ort_session(model.SerializeToString(), optimize=True, threads=threads)
 
 
 def onnx_attrs(k: dict, tensors: dict) -> dict:
@@ -161,7 +155,6 @@ class _GraphBuilder:
         self.h, self.nh, self.TP = helper, numpy_helper, TensorProto
         self.om, self.npu = om, npu
         self.nodes, self.inits, self.done_inits = [], [], set()
-        self._t_cache: dict[str, np.ndarray] = {}
         self.no_round: set[str] = set()
 
     def const(self, name: str, arr=None) -> str:
@@ -269,11 +262,11 @@ class _GraphBuilder:
         if debug:
             out_names += [t for k in kernels for t in k["outputs"] if t and t not in out_names]
         types = {t: dt for k in kernels for t, dt in zip(k["outputs"], k["out_dtypes"])}
-        for k in kernels:
-            if layer_of(k) in self.float_int and k["op"] != "Dequantize":
-                types.update({t: "float32" for t in k["outputs"]})
-            elif k["op"] == "Quantize":
+        for k in kernels:  # what the INT8 lowerings carry (see the module docstring)
+            if k["op"] == "Quantize":
                 types[k["outputs"][0]] = "float32" if layer_of(k) in self.float_q else "uint8"
+            elif k["name"] in self.float_int:
+                types[k["outputs"][0]] = "float32"
         outputs = [h.make_tensor_value_info(t, _elem(types.get(t, "float32")), None)
                    for t in out_names]
         graph = h.make_graph(self.nodes, "dopt_om", inputs, outputs, self.inits)
@@ -332,79 +325,67 @@ class _GraphBuilder:
         self.node("QuantizeLinear", [ins[0], s, zp], [k["outputs"][0]], name=k["name"])
 
     def _int_op(self, k, ins, op, **attrs):
-        if k["name"] in self.float_int:
-            return self._int_as_float(k, ins, op, **attrs)
-        if k["name"] in self.chunks:
-            return self._int_chunked(k, ins, op, **attrs)
-        zp = self.const(k["name"] + "/x_zp",
-                        np.array(k["attrs"]["input_offset"]["value"] + 128, np.uint8))
-        wzp = self.const(k["name"] + "/w_zp", np.array(0, np.int8))
-        out = k["outputs"][0]
-        acc = out + "/nobias" if len(ins) > 2 else out
-        w = self.const(ins[1], self._t_cache.get(ins[1]))
-        self.node(op, [ins[0], w, zp, wzp], [acc], name=k["name"], **attrs)
-        if len(ins) > 2:
-            b = ins[2]
-            if op == "ConvInteger":
-                rank = len(self.om.tensors[k["inputs"][1]].shape)
-                b = self.const(b + "/bcast", self.om.tensors[k["inputs"][2]].reshape(
-                    (1, -1) + (1,) * (rank - 2)))
-            else:
-                b = self.const(b)
-            self.node("Add", [acc, b], [out])
-
-    def _int_as_float(self, k, ins, op, **attrs):
-        """Integer op as float32 op on exact integers (see ``exact_in_float``)."""
-        w = self.const(ins[1] + "/f", self.om.tensors.get(ins[1], self._t_cache.get(ins[1]))
-                       .astype(np.float32))
-        out = k["outputs"][0]
-        if op == "ConvInteger":
-            fins = [ins[0], w] + ([self.const(ins[2] + "/f", self.om.tensors[ins[2]]
-                                              .astype(np.float32))] if len(ins) > 2 else [])
-            self.node("Conv", fins, [out], name=k["name"], **attrs)
-        else:
-            if len(ins) > 2:
-                self.node("MatMul", [ins[0], w], [out + "/mm"], name=k["name"])
-                b = self.const(ins[2] + "/f", self.om.tensors[ins[2]].astype(np.float32))
-                self.node("Add", [out + "/mm", b], [out])
-            else:
-                self.node("MatMul", [ins[0], w], [out], name=k["name"])
-
-    def _int_chunked(self, k, ins, op, **attrs):
-        """Integer op as a sum, in int32, of integer-exact float32 ops on channel chunks."""
-        sizes = self.chunks[k["name"]]
-        out = k["outputs"][0]
-        w = self._t_cache.get(ins[1], self.om.tensors.get(ins[1]))
-        if op == "MatMulInteger":  # w is (K, C): chunks along K = rows
+        """One INT8 layer; ``op`` is ConvInteger (weight as stored) or MatMulInteger
+        (weight used transposed, ``(K, C)``)."""
+        w = self.om.tensors[k["inputs"][1]]
+        if op == "MatMulInteger":
             w = np.ascontiguousarray(w.T)
-        axis = 1 if op == "ConvInteger" else -1
-        split = self.const(k["name"] + "/chunks", np.array(sizes, np.int64))
-        parts = [f"{out}/x{i}" for i in range(len(sizes))]
-        self.node("Split", [ins[0], split], parts, axis=axis, name=k["name"])
-        acc, start = None, 0
-        for i, (part, n) in enumerate(zip(parts, sizes)):
-            wi = w[:, start:start + n].astype(np.float32)
-            start += n
-            if op == "ConvInteger":
-                self.node("Conv", [part, self.const(f"{k['name']}/w{i}", wi)], [part + "/y"],
-                          **attrs)
-            else:
-                self.node("MatMul", [part, self.const(f"{k['name']}/w{i}",
-                                                      np.ascontiguousarray(wi.T))],
-                          [part + "/y"])
-            self.node("Cast", [part + "/y"], [part + "/i"], to=self.TP.INT32)
-            if acc is None:
-                acc = part + "/i"
-            else:
-                self.node("Add", [acc, part + "/i"], [part + "/sum"])
-                acc = part + "/sum"
-        if len(ins) > 2:
+        wname = k["inputs"][1] + ("/T" if op == "MatMulInteger" else "")
+        b = None
+        if len(k["inputs"]) > 2:  # int32 bias, broadcast over the output channels
             b = self.om.tensors[k["inputs"][2]]
             if op == "ConvInteger":
-                b = b.reshape((1, -1) + (1,) * (len(w.shape) - 2))
-            self.node("Add", [acc, self.const(k["inputs"][2] + "/bcast", b)], [out])
+                b = b.reshape((1, -1) + (1,) * (w.ndim - 2))
+        out = k["outputs"][0]
+        if k["name"] in self.float_int:
+            self._int_as_float(k, ins[0], w, wname, b, op, out, **attrs)
+            return
+        if k["name"] in self.chunks:
+            acc = self._int_chunked(k, ins[0], w, op, out, **attrs)
         else:
+            zp = self.const(k["name"] + "/x_zp",
+                            np.array(k["attrs"]["input_offset"]["value"] + 128, np.uint8))
+            wzp = self.const(k["name"] + "/w_zp", np.array(0, np.int8))
+            acc = out + "/nobias"
+            self.node(op, [ins[0], self.const(wname, w), zp, wzp], [acc], name=k["name"],
+                      **attrs)
+        if b is None:
             self.node("Identity", [acc], [out])
+        else:
+            self.node("Add", [acc, self.const(k["inputs"][2] + "/bcast", b)], [out])
+
+    def _int_as_float(self, k, x, w, wname, b, op, out, **attrs):
+        """Integer op as one float32 op on exact integers (see ``exact_in_float``)."""
+        wf = self.const(wname + "/f", w.astype(np.float32))
+        bf = None if b is None else self.const(k["inputs"][2] + "/f",
+                                               b.reshape(-1).astype(np.float32))
+        if op == "ConvInteger":
+            self.node("Conv", [x, wf] + ([bf] if bf else []), [out], name=k["name"], **attrs)
+        elif bf:
+            self.node("MatMul", [x, wf], [out + "/mm"], name=k["name"])
+            self.node("Add", [out + "/mm", bf], [out])
+        else:
+            self.node("MatMul", [x, wf], [out], name=k["name"])
+
+    def _int_chunked(self, k, x, w, op, out, **attrs) -> str:
+        """int32 sum of integer-exact float32 ops on input-channel chunks; returns its name."""
+        sizes = self.chunks[k["name"]]
+        conv = op == "ConvInteger"
+        split = self.const(k["name"] + "/chunks", np.array(sizes, np.int64))
+        parts = [f"{out}/x{i}" for i in range(len(sizes))]
+        self.node("Split", [x, split], parts, axis=1 if conv else -1, name=k["name"])
+        acc, start = None, 0
+        for i, (part, n) in enumerate(zip(parts, sizes)):
+            wi = (w[:, start:start + n] if conv else w[start:start + n]).astype(np.float32)
+            start += n
+            self.node("Conv" if conv else "MatMul",
+                      [part, self.const(f"{k['name']}/w{i}", wi)], [part + "/y"],
+                      **(attrs if conv else {}))
+            self.node("Cast", [part + "/y"], [part + "/i"], to=self.TP.INT32)
+            if acc is not None:
+                self.node("Add", [acc, part + "/i"], [part + "/sum"])
+            acc = part + "/i" if acc is None else part + "/sum"
+        return acc
 
     def _k_QuantizedConvolution(self, k, ins):
         self._int_op(k, ins, "ConvInteger", **onnx_attrs(k, self.om.tensors))
@@ -412,9 +393,7 @@ class _GraphBuilder:
     _k_QuantizedConvolutionDepthwise = _k_QuantizedConvolution
 
     def _k_QuantizedFullyConnection(self, k, ins):
-        wt = k["inputs"][1] + "/T"
-        self._t_cache[wt] = np.ascontiguousarray(self.om.tensors[k["inputs"][1]].T)
-        self._int_op(k, [ins[0], wt] + ins[2:], "MatMulInteger")
+        self._int_op(k, ins, "MatMulInteger")
 
     def _k_Dequantize(self, k, ins):
         out = k["outputs"][0]

@@ -14,9 +14,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from .. import numerics as nm
 from ..errors import DoptError
-from .fast import node_model, npu_boundary_inputs, session
-
-FLOAT_DTYPES = ("float16", "float32", "float64")
+from .fast import FLOAT_DTYPES, node_model, npu_boundary_inputs, session
 
 
 def fp16(x) -> np.ndarray:

@@ -301,3 +301,45 @@ def test_rounding_plan_is_bit_identical_to_rounding_every_op(build):
         s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
         outs.append(s.run([om.graph["outputs"][0]["name"]], {"x": x})[0])
     assert np.array_equal(*outs)
+
+
+def test_constant_shared_by_npu_and_cpu_kernels_keeps_each_devices_dtype():
+    from onnx import TensorProto, helper, numpy_helper
+    g = np.linspace(0.5, 1.5, 8).astype(np.float32) + np.float32(1e-4)  # not FP16-exact
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "g"], ["m"], name="mul"),
+         helper.make_node("Einsum", ["x", "g"], ["e"], name="einsum", equation="abc,c->abc")],
+        "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 8])],
+        [helper.make_tensor_value_info("m", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("e", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(g, "g")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    om, _ = compile_onnx(model, load_profile())
+    kern = {k["name"]: k for k in om.graph["kernels"]}
+    assert kern["mul"]["device"] == "npu" and kern["einsum"]["device"] == "cpu"
+    assert om.tensors[kern["mul"]["inputs"][1]].dtype == np.float16
+    assert om.tensors[kern["einsum"]["inputs"][1]].dtype == np.float32
+    x = np.random.default_rng(10).standard_normal((1, 2, 8)).astype(np.float32)
+    out = Session(om).run(x)
+    np.testing.assert_allclose(out["e"], x * g, rtol=1e-6)  # FP32 input, FP32 constant
+
+
+@pytest.mark.parametrize("text,needle", [("DetectionOutput SSDDetectionOutput\n", "line 1"),
+                                         ("Einsum:NoSuchOp\n", "NoSuchOp")])
+def test_bad_op_name_map(tmp_path, text, needle):
+    onnx.save(mixed_placement_model(), tmp_path / "m.onnx")
+    (tmp_path / "map.txt").write_text(text)
+    r = dopt("omg", "--mode", "0", "--framework", "5", "--model", str(tmp_path / "m.onnx"),
+             "--output", str(tmp_path / "o"), "--op_name_map", str(tmp_path / "map.txt"))
+    _err(r, needle, "map.txt")
+    assert not (tmp_path / "o.om").exists()
+
+
+def test_bad_json_dump_is_refused(tmp_path):
+    (tmp_path / "d.json").write_text("{not json")
+    _err(dopt("omg", "--mode", "1", "--json", str(tmp_path / "d.json"), "--output",
+              str(tmp_path / "o")), "d.json")
+    (tmp_path / "d.json").write_text('{"format": "other"}')
+    _err(dopt("omg", "--mode", "1", "--json", str(tmp_path / "d.json"), "--output",
+              str(tmp_path / "o")), "dopt.om.json")
+    assert not (tmp_path / "o.om").exists()

@@ -15,6 +15,8 @@ import numpy as np
 from .. import numerics as nm
 from .. import params as P
 from ..errors import DoptError
+from ..fileio import existing_file
+from .costmodel import estimate
 from .lower import IRGraph, IRNode, lower_onnx
 from .omfile import OmModel
 from .precheck import precheck
@@ -34,13 +36,12 @@ def _np_dtype(elem_type: int) -> str:
 
 
 class _Builder:
-    def __init__(self, model, g: IRGraph, report: dict, profile: HardwareProfile,
-                 params: dict | None, weight_dtype: str, op_name_map: dict):
+    def __init__(self, model, g: IRGraph, report: dict, params: dict | None,
+                 weight_dtype: str):
         from onnx import numpy_helper
-        self.model, self.g, self.profile = model, g, profile
+        self.g = g
         self.params = params or {}
         self.wdt = np.float16 if weight_dtype == "FP16" else np.float32
-        self.op_name_map = op_name_map
         self.outcome = {x["node"]: x for x in report["nodes"]}
         self.inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
         self.onnx_nodes = {n.name: n for n in model.graph.node}
@@ -55,14 +56,20 @@ class _Builder:
 
     # -- helpers -----------------------------------------------------------------------
     def _const(self, name: str, device: str) -> str:
-        """Register an initializer for a kernel; float weights take the build's dtype."""
-        if name in self.tensors or not name:
-            return name
+        """Register an initializer for a kernel; float weights take the device's dtype.
+
+        A constant read on both devices is stored once per dtype (NPU FP16, CPU FP32).
+        """
         a = self.inits[name]
         if a.dtype in (np.float32, np.float64, np.float16):
             a = a.astype(self.wdt if device == "npu" else np.float32)
-        self.tensors[name] = a
-        return name
+        have = self.tensors.get(name)
+        if have is None:
+            self.tensors[name] = a
+            return name
+        if have.dtype == a.dtype:
+            return name
+        return self._new_tensor(f"{name}.{a.dtype}", a)
 
     def _new_tensor(self, name: str, arr: np.ndarray) -> str:
         base, k = name, 1
@@ -124,13 +131,10 @@ class _Builder:
         self._mark_in_place()
         return self.kernels, self.tensors
 
-    def _ir_op(self, n: IRNode) -> str | None:
-        return self.op_name_map.get(n.onnx_op, n.op)
-
     def _generic(self, n: IRNode, device: str, removed: bool = False):
         node = self.onnx_nodes[n.name]
         inputs = [self._const(x, device) if x in self.inits else x for x in node.input]
-        self._emit(name=n.name, op=self._ir_op(n), onnx_op=n.onnx_op, domain=node.domain,
+        self._emit(name=n.name, op=n.op, onnx_op=n.onnx_op, domain=node.domain,
                    device=device, precision="fp32" if device == "cpu" else "fp16",
                    inputs=inputs, outputs=list(node.output),
                    out_dtypes=self._out_dtypes(node.output), attrs=self._attrs(node),
@@ -177,11 +181,14 @@ class _Builder:
             axis = [1, cout, 1, 1][: w.ndim]
             self._int8(n, node.input[0], w, b, k, out, attrs, axis, common)
         else:
-            wn = self._new_tensor(f"{n.name}.weight", w.astype(self.wdt))
-            bn = self._new_tensor(f"{n.name}.bias", b.astype(self.wdt))
-            self._emit(name=n.name, op=self._ir_op(n), precision="fp16",
-                       inputs=[node.input[0], wn, bn], outputs=[out],
-                       out_dtypes=["float32"], attrs=attrs, **common)
+            self._float_layer(n, node.input[0], w, b, out, attrs, common)
+
+    def _float_layer(self, n: IRNode, x: str, w, b, out: str, attrs: dict, common: dict):
+        """A weighted layer the NPU runs in FP16: folded weights in the build's dtype."""
+        wn = self._new_tensor(f"{n.name}.weight", w.astype(self.wdt))
+        bn = self._new_tensor(f"{n.name}.bias", b.astype(self.wdt))
+        self._emit(name=n.name, op=n.op, precision="fp16", inputs=[x, wn, bn], outputs=[out],
+                   out_dtypes=["float32"], attrs=attrs, **common)
 
     def _explicit_pads(self, n: IRNode, attrs: dict) -> dict:
         shape = self.g.shapes.get(n.inputs[0])
@@ -234,11 +241,7 @@ class _Builder:
             self._int8(n, node.input[0], w, b, np.ones(w.shape[0], np.float32), out, {},
                        [w.shape[0]], common)
         else:
-            wn = self._new_tensor(f"{n.name}.weight", w.astype(self.wdt))
-            bn = self._new_tensor(f"{n.name}.bias", b.astype(self.wdt))
-            self._emit(name=n.name, op=self._ir_op(n), precision="fp16",
-                       inputs=[node.input[0], wn, bn], outputs=[out], out_dtypes=["float32"],
-                       **common)
+            self._float_layer(n, node.input[0], w, b, out, {}, common)
 
     def _int8(self, n, x, w, b, k, out, attrs, scale_shape, common):
         rec = self.params[n.name]
@@ -284,11 +287,7 @@ def _partitions(kernels: list[dict]) -> list[dict]:
 
 def parse_op_name_map(path: str, profile: HardwareProfile) -> dict:
     """``--op_name_map``: lines ``SourceOp:IrOp`` (the reference's format)."""
-    from pathlib import Path
-    p = Path(path)
-    if not p.is_file() or p.stat().st_size > 1 << 20:
-        raise DoptError("the op name map file does not exist or is too large", file=path,
-                        field="--op_name_map")
+    p = existing_file(path, field="--op_name_map", max_bytes=1 << 20, what="op name map file")
     out = {}
     for i, line in enumerate(p.read_text("utf-8", "replace").splitlines(), 1):
         line = line.strip()
@@ -342,8 +341,7 @@ def compile_onnx(model, profile: HardwareProfile, *, params: dict | None = None,
         if op_name_map and n.onnx_op in op_name_map:
             n.op = op_name_map[n.onnx_op]
     report = precheck(g, profile, set(layers))
-    kernels, tensors = _Builder(m, g, report, profile, layers, weight_data_type,
-                                op_name_map or {}).build()
+    kernels, tensors = _Builder(m, g, report, layers, weight_data_type).build()
     inits = {i.name for i in m.graph.initializer}
     graph = {
         "opset": TARGET_OPSET,
@@ -356,11 +354,7 @@ def compile_onnx(model, profile: HardwareProfile, *, params: dict | None = None,
     }
     meta = {"source": source, "weight_data_type": weight_data_type,
             "summary": report["summary"]}
-    try:  # the cost model's per-layer estimate travels inside the .om
-        from .costmodel import estimate
-        meta["estimate"] = estimate(g, report, profile)
-    except ImportError:
-        meta["estimate"] = None
+    meta["estimate"] = estimate(g, report, profile)  # travels inside the .om
     # Scales and offsets live in the kernels and tensors; this records where they came from.
     quant = {"params_file": params_file, "strategy": "Quant_INT8-8",
              "int8_layers": sorted(x["node"] for x in report["nodes"] if x["int8"])} \

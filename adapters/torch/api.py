@@ -71,15 +71,10 @@ def generate_config_file(model, input_shape, dst_path):
 def npu_skips_int8(mods: dict, names) -> list[str]:
     """Convolutions the target NPU would run in FP16 even if asked for INT8 (profile rule)."""
     from dopt.npu.profile import load_profile
-    min_cin = load_profile().alignment["int8_min_cin"]
-    out = []
-    for n in names:
-        m = mods[n]
-        if isinstance(m, nn.Conv2d):
-            depthwise = m.groups > 1 and m.groups == m.in_channels
-            if not depthwise and m.in_channels < min_cin:
-                out.append(n)
-    return out
+    from dopt.npu.rules import int8_skipped
+    profile = load_profile()
+    return [n for n in names if isinstance(mods[n], nn.Conv2d)
+            and int8_skipped(mods[n].in_channels, mods[n].groups, profile)]
 
 
 def optimize_model(model, config_path):

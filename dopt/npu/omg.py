@@ -78,11 +78,11 @@ def _check_framework(a) -> None:
 
 
 def run_precheck(a) -> int:
+    from .compiler import check_params_against_model
     from .lower import lower_onnx
     from .precheck import precheck, render_text
     from .profile import load_profile
     from .. import params as P
-    from ..onnx_qdq import graph_layers
 
     _check_framework(a)
     if not a.model:
@@ -92,7 +92,7 @@ def run_precheck(a) -> int:
     int8 = set()
     if a.compress_conf:
         doc = P.read_params(a.compress_conf)
-        P.validate_params(doc, file=a.compress_conf, graph=graph_layers(model))
+        check_params_against_model(doc, model, a.compress_conf)  # the same check as --mode 0
         int8 = set(doc["layers"])
     profile = load_profile(a.profile)
     report = precheck(lower_onnx(model, shapes), profile, int8)
@@ -147,8 +147,7 @@ def run_compile(a) -> int:
     omfile.write_om(dest, om)
     if a.check_report:
         write_json_atomic(a.check_report, report)
-    import os
-    size = os.path.getsize(dest)
+    size = Path(dest).stat().st_size
     est = om.meta.get("estimate") or {}
     total = (est.get("summary") or {}).get("total_ms")
     print(f"\nwrote {dest}: {size / 1e6:.3f} MB, {len(om.graph['kernels'])} kernels, "
@@ -168,26 +167,22 @@ def run_dump(a) -> int:
     """``--mode 1``: .om -> JSON, source model -> JSON, or a JSON dump -> .om (``--output``)."""
     import json
     from . import omfile
+    if (a.om or a.model) and not a.json:
+        raise DoptError("--json is required with --mode 1", field="--json")
     if a.om:
-        if not a.json:
-            raise DoptError("--json is required with --mode 1", field="--json")
         write_json_atomic(a.json, omfile.to_json(omfile.read_om(a.om)))
         print(f"wrote {a.json}")
         return 0
     if a.model:
         _check_framework(a)
-        if not a.json:
-            raise DoptError("--json is required with --mode 1", field="--json")
         from google.protobuf import json_format
         model = _load_onnx(a.model)
         write_json_atomic(a.json, json_format.MessageToDict(model))
         print(f"wrote {a.json}")
         return 0
     if a.json and a.output:
-        p = Path(a.json)
-        if not p.is_file() or p.stat().st_size > omfile.MAX_FILE * 2:
-            raise DoptError("the JSON dump does not exist or is too large", file=a.json,
-                            field="--json")
+        p = existing_file(a.json, field="--json", max_bytes=omfile.MAX_FILE * 2,
+                          what="JSON dump")
         try:
             doc = json.loads(p.read_text("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -37,10 +37,20 @@ class Context:
 RULES: list[tuple[str, Callable[[IRNode, Context], Finding | None]]] = []
 
 
+def int8_skipped(cin: int, groups: int, profile: HardwareProfile) -> bool:
+    """The NPU runs this convolution in FP16 even when INT8 is asked: Cin too small to pay.
+
+    Depthwise convolutions (groups == Cin > 1) are exempt. Framework adapters call this
+    too, so that their simulation skips the same layers.
+    """
+    depthwise = groups > 1 and groups == cin
+    return not depthwise and 0 < cin < profile.alignment["int8_min_cin"]
+
+
 def int8_requested_but_too_narrow(n: IRNode, ctx: Context) -> bool:
-    """INT8 asked for a (non-depthwise) convolution whose Cin is too small to pay."""
-    return (n.name in ctx.int8_nodes and n.op in CONV_OPS and n.op != "ConvolutionDepthwise"
-            and 0 < n.attrs.get("cin", 0) < ctx.profile.alignment["int8_min_cin"])
+    """INT8 asked for a convolution the NPU will run in FP16 (see ``int8_skipped``)."""
+    return (n.name in ctx.int8_nodes and n.op in CONV_OPS
+            and int8_skipped(n.attrs.get("cin", 0), n.attrs.get("groups", 1), ctx.profile))
 
 
 def runs_int8(n: IRNode, ctx: Context) -> bool:

@@ -118,8 +118,32 @@ class _QuantLayer(nn.Module):
         return wq, b, s_w
 
 
-def _fp16(t):
-    return t.half().float() if _QuantLayer.npu_edges else t
+def round_fp16(t):
+    """Round to IEEE half (nearest even), carried as float32: the NPU's FP16 data."""
+    return t.half().float()
+
+
+def bn_factor(bn: nn.BatchNorm2d):
+    """Per-channel ``gamma / sqrt(var + eps)`` of an eval-mode BatchNorm."""
+    std = torch.sqrt(bn.running_var + bn.eps)
+    gamma = bn.weight if bn.affine else torch.ones_like(std)
+    return gamma / std
+
+
+def fold_bn(w, b, bn: nn.BatchNorm2d):
+    """(weight, bias) of a convolution with the BatchNorm after it folded in."""
+    f = bn_factor(bn)
+    beta = bn.bias if bn.affine else torch.zeros_like(f)
+    b0 = b if b is not None else torch.zeros_like(f)
+    return w * f.reshape(-1, 1, 1, 1), beta + (b0 - bn.running_mean) * f
+
+
+def conv2d_as(conv: nn.Conv2d, x, w, b):
+    """``conv``'s geometry and padding mode with another weight and bias."""
+    if conv.padding_mode != "zeros":
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        return F.conv2d(x, w, b, conv.stride, 0, conv.dilation, conv.groups)
+    return F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 class QuantLinear(_QuantLayer):
@@ -127,11 +151,11 @@ class QuantLinear(_QuantLayer):
         if self.calibrating:
             self.act(x)
             return self.layer(x)
-        deploy = not self.training
-        x = self.act(_fp16(x) if deploy else x)
+        deploy = not self.training and _QuantLayer.npu_edges
+        x = self.act(round_fp16(x) if deploy else x)
         wq, bq, _ = self.quantized_params()
         y = F.linear(x, wq, bq)
-        return _fp16(y) if deploy else y
+        return round_fp16(y) if deploy else y
 
 
 class QuantConv2d(_QuantLayer):
@@ -143,27 +167,13 @@ class QuantConv2d(_QuantLayer):
         self.freeze_bn_stats = False
 
     def _conv(self, x, w, b):
-        c = self.layer
-        if c.padding_mode != "zeros":
-            x = F.pad(x, c._reversed_padding_repeated_twice, mode=c.padding_mode)
-            return F.conv2d(x, w, b, c.stride, 0, c.dilation, c.groups)
-        return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
-
-    def _bn_factor(self):
-        bn = self.bn
-        std = torch.sqrt(bn.running_var + bn.eps)
-        gamma = bn.weight if bn.affine else torch.ones_like(std)
-        return gamma / std
+        return conv2d_as(self.layer, x, w, b)
 
     def folded(self):
         w, b = self.layer.weight, self.layer.bias
         if self.bn is None:
             return w, b
-        bn = self.bn
-        f = self._bn_factor()
-        beta = bn.bias if bn.affine else torch.zeros_like(f)
-        b0 = b if b is not None else torch.zeros_like(f)
-        return w * f.reshape(-1, 1, 1, 1), beta + (b0 - bn.running_mean) * f
+        return fold_bn(w, b, self.bn)
 
     def forward(self, x):
         if self.calibrating:  # float path; BN uses running statistics, nothing updates
@@ -173,18 +183,18 @@ class QuantConv2d(_QuantLayer):
                 y = F.batch_norm(y, self.bn.running_mean, self.bn.running_var, self.bn.weight,
                                  self.bn.bias, False, 0.0, self.bn.eps)
             return y
-        deploy = not self.training
-        x = self.act(_fp16(x) if deploy else x)
+        deploy = not self.training and _QuantLayer.npu_edges
+        x = self.act(round_fp16(x) if deploy else x)
         if self.bn is not None and self.training and not self.freeze_bn_stats:
             # conv(x, fq(w*f)) / f, with the per-channel 1/f applied to the (small) weight
             # instead of the (large) activation: BN then sees the unfolded conv output
-            f = self._bn_factor().reshape(-1, 1, 1, 1)
+            f = bn_factor(self.bn).reshape(-1, 1, 1, 1)
             w = self.layer.weight * f
             wq = fq.fake_quant_weight(w, fq.weight_scales(w)) / f
             return self.bn(self._conv(x, wq, self.layer.bias))
         wq, bq, _ = self.quantized_params()
         y = self._conv(x, wq, bq)
-        return _fp16(y) if deploy else y
+        return round_fp16(y) if deploy else y
 
 
 def quant_layers(model: nn.Module):

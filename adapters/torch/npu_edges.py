@@ -14,11 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import _QuantLayer
-
-
-def _fp16(t):
-    return t.half().float()
+from .modules import _QuantLayer, conv2d_as, fold_bn, round_fp16 as _fp16
 
 
 class _State:
@@ -36,21 +32,11 @@ def _conv_hook(bn, st: _State):
         if not st.active(conv):
             return output
         w, b = conv.weight, conv.bias
+        if bn is not None:
+            w, b = fold_bn(w, b, bn)
         if b is None:
             b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
-        if bn is not None:
-            f = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else \
-                1.0 / torch.sqrt(bn.running_var + bn.eps)
-            beta = bn.bias if bn.affine else torch.zeros_like(f)
-            w, b = w * f.reshape(-1, 1, 1, 1), beta + (b - bn.running_mean) * f
-        x = _fp16(inputs[0])
-        if conv.padding_mode != "zeros":
-            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-            y = F.conv2d(x, _fp16(w), _fp16(b), conv.stride, 0, conv.dilation, conv.groups)
-        else:
-            y = F.conv2d(x, _fp16(w), _fp16(b), conv.stride, conv.padding, conv.dilation,
-                         conv.groups)
-        return _fp16(y)
+        return _fp16(conv2d_as(conv, _fp16(inputs[0]), _fp16(w), _fp16(b)))
     return hook
 
 

@@ -26,32 +26,17 @@ import torch
 
 from demos.fashion_mnist import data, demo
 from dopt import onnx_qdq, runtime
-from dopt.dopt_torch.opt_main import (generate_config_file, generate_final_model,
-                                      optimize_model, set_calibrate_state)
+from dopt.dopt_torch.opt_main import generate_final_model
 from dopt.npu import omg
-from dopt_adapters.torch.api import npu_skips_int8
+
+from .bench_torch_qat import calibrate
 
 OUT = Path(__file__).resolve().parent / "results"
 
 
-def _config(model, shape: str, dst: Path) -> Path:
-    generate_config_file(model, shape, dst_path=str(dst / "gen.json"))
-    cfg = json.loads((dst / "gen.json").read_text())
-    narrow = set(npu_skips_int8(dict(model.named_modules()), cfg["layer_strategy"]))
-    for name, e in cfg["layer_strategy"].items():
-        e["quant_strategy"] = "float" if name in narrow else "Quant_INT8-8"
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst / "config.json"
-
-
 def _pipeline(build, shape: str, calib: np.ndarray, dst: Path):
-    cfg = _config(build(), shape, dst)
-    q = optimize_model(build(), str(cfg))
-    set_calibrate_state(q, True)
-    with torch.no_grad():
-        for i in range(0, len(calib), 64):
-            q(torch.from_numpy(calib[i:i + 64]))
-    set_calibrate_state(q, False)
+    cfg, _, _ = demo.npu_int8_config(build(), shape, dst)
+    q = calibrate(build(), cfg, calib)
     torch.save(q.state_dict(), dst / "q.pth")
     files = generate_final_model(build(), str(cfg), pth_file=str(dst / "q.pth"),
                                  output_dir=str(dst / "final"))
@@ -102,13 +87,7 @@ def bench_model(name: str, n_images: int, threads: int) -> dict:
         row = {"model": name, "om_bytes": {b: p.stat().st_size for b, p in oms.items()}}
         row["int8_over_fp16_size"] = row["om_bytes"]["int8"] / row["om_bytes"]["fp16"]
         sess = {b: runtime.load(p, threads=threads) for b, p in oms.items()}
-        ort_fp32 = onnx_qdq.ort_session(files["float_onnx"], optimize=True)
-        if threads:
-            import onnxruntime as ort
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = threads
-            ort_fp32 = ort.InferenceSession(files["float_onnx"], so,
-                                            providers=["CPUExecutionProvider"])
+        ort_fp32 = onnx_qdq.ort_session(files["float_onnx"], optimize=True, threads=threads)
         iname = ort_fp32.get_inputs()[0].name
         if labels is not None:
             pred_fq = demo.predict(q, x)

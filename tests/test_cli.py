@@ -1,28 +1,11 @@
 """The ``dopt`` command line: exit codes and one-paragraph errors."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.cli import ROOT, dopt, one_paragraph_error as _one_paragraph_error
+
 NET = f"{ROOT / 'tests' / 'tiny_net.py'}:build"
-
-
-def dopt(*args, cwd=None):
-    return subprocess.run([sys.executable, "-W", "ignore", "-m", "dopt", *args],
-                          capture_output=True, text=True, timeout=300, cwd=cwd or ROOT,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
-
-
-def _one_paragraph_error(r, *needles):
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    err = r.stderr.strip()
-    assert err.startswith("dopt: error:") and "\n" not in err and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
 
 
 def test_cli_config_and_final(tmp_path):

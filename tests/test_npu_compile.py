@@ -1,9 +1,5 @@
 """``dopt omg --mode 0/1/3`` and the runtime on small real ONNX graphs."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,24 +13,10 @@ from dopt.npu.compiler import compile_onnx  # noqa: E402
 from dopt.npu.profile import load_profile  # noqa: E402
 from dopt.runtime import Session, fast, load  # noqa: E402
 from dopt.runtime.verify import kernel_agreement  # noqa: E402
+from tests.cli import dopt, one_paragraph_error as _err  # noqa: E402
 from tests.npu_models import int8_net, mixed_placement_model, params_for  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 RANGES = {"c1": (-3, 3), "dw": (0, 4), "c2": (0, 3), "fc": (0, 2)}
-
-
-def dopt(*args):
-    return subprocess.run([sys.executable, "-W", "ignore", "-m", "dopt", *args],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
-
-
-def _err(r, *needles):
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    err = r.stderr.strip()
-    assert err.startswith("dopt: error:") and "\n" not in err and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
 
 
 def _ort(model, x):

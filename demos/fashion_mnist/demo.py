@@ -57,6 +57,21 @@ def predict_onnx(path, x, batch=500, optimize=False) -> np.ndarray:
                            for i in range(0, len(x), batch)])
 
 
+def npu_int8_config(model, input_shape: str, dst: Path):
+    """``dst/config_gen.json`` from the template, ``dst/config.json`` with every layer INT8
+    where the NPU runs INT8; convolutions with Cin <= 16 stay float (the profile's rule).
+    Returns (config path, number of INT8 layers, sorted float layers)."""
+    gen = dst / "config_gen.json"
+    generate_config_file(model, input_shape, dst_path=str(gen))
+    cfg = json.loads(gen.read_text())
+    narrow = set(npu_skips_int8(dict(model.named_modules()), cfg["layer_strategy"]))
+    for name, entry in cfg["layer_strategy"].items():
+        entry["quant_strategy"] = "float" if name in narrow else "Quant_INT8-8"
+    cfg_path = dst / "config.json"
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return cfg_path, len(cfg["layer_strategy"]) - len(narrow), sorted(narrow)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,18 +101,10 @@ def main(argv=None):
     acc_float = 100 * (predict(model, xte, desc="float eval") == yte).mean()
     print(f"[1/6] float model {a.model}: top-1 {acc_float:.2f}%")
 
-    # step 1: config template, then mark every layer Quant_INT8-8 (what a user edits by hand)
-    gen = out / "config_gen.json"
-    generate_config_file(model, "x:1,1,28,28", dst_path=str(gen))
-    cfg = json.loads(gen.read_text())
-    # INT8 where the NPU runs it: convolutions with Cin <= 16 stay float (the profile's rule)
-    narrow = set(npu_skips_int8(dict(model.named_modules()), cfg["layer_strategy"]))
-    for name, entry in cfg["layer_strategy"].items():
-        entry["quant_strategy"] = "float" if name in narrow else "Quant_INT8-8"
-    cfg_path = out / "config.json"
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-    print(f"[2/6] config: {len(cfg['layer_strategy']) - len(narrow)} layers set to Quant_INT8-8, "
-          f"{len(narrow)} kept float (Cin <= 16: {', '.join(sorted(narrow)) or '-'}) in {cfg_path}")
+    # step 1: config template, then mark layers Quant_INT8-8 (what a user edits by hand)
+    cfg_path, n_int8, narrow = npu_int8_config(model, "x:1,1,28,28", out)
+    print(f"[2/6] config: {n_int8} layers set to Quant_INT8-8, {len(narrow)} kept float "
+          f"(Cin <= 16: {', '.join(narrow) or '-'}) in {cfg_path}")
 
     # step 2a: no-training calibration
     t = time.time()

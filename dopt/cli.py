@@ -94,7 +94,7 @@ def _run(a):
         print("placement: " + ", ".join(f"{k} {v}" for k, v in sess.om.meta["summary"].items()))
     if a.verify:
         from .runtime.verify import kernel_agreement
-        small = {k: v[:8] for k, v in sess._feeds(feeds).items()}
+        small = {k: v[:8] for k, v in sess.prepare_feeds(feeds).items()}
         rows = kernel_agreement(sess.om, small, npu=a.device == "npu")
         bad = [r for r in rows if not r["within_bound"]]
         int8 = [r for r in rows if r["precision"] == "int8"]

@@ -62,7 +62,8 @@ class Session:
     def profile(self) -> dict:
         return self.om.profile
 
-    def _feeds(self, feeds) -> dict:
+    def prepare_feeds(self, feeds) -> dict:
+        """Checked and converted inputs: names, shape (any batch), dtype."""
         if not isinstance(feeds, dict):
             if len(self.inputs) != 1:
                 raise DoptError(f"the model has {len(self.inputs)} inputs: pass a dict",
@@ -93,7 +94,7 @@ class Session:
 
     def run(self, feeds) -> dict[str, np.ndarray]:
         """Inputs as ``{name: array}`` (or one array for single-input models)."""
-        return self._engine.run(self._feeds(feeds))
+        return self._engine.run(self.prepare_feeds(feeds))
 
     def predict(self, x, batch_size: int = 256) -> np.ndarray:
         """First output for a large single-input array, evaluated in batches."""

@@ -25,9 +25,6 @@ from .profile import HardwareProfile
 from .rules import CPU
 
 _ATTR_KINDS = {1: "float", 2: "int", 3: "str", 4: "tensor", 6: "floats", 7: "ints", 8: "strs"}
-_INT8_OPS = {"Convolution": "QuantizedConvolution",
-             "ConvolutionDepthwise": "QuantizedConvolutionDepthwise",
-             "FullyConnection": "QuantizedFullyConnection"}
 
 
 def _np_dtype(elem_type: int) -> str:
@@ -36,10 +33,10 @@ def _np_dtype(elem_type: int) -> str:
 
 
 class _Builder:
-    def __init__(self, model, g: IRGraph, report: dict, params: dict | None,
-                 weight_dtype: str):
+    def __init__(self, model, g: IRGraph, report: dict, profile: HardwareProfile,
+                 params: dict | None, weight_dtype: str):
         from onnx import numpy_helper
-        self.g = g
+        self.g, self.profile = g, profile
         self.params = params or {}
         self.wdt = np.float16 if weight_dtype == "FP16" else np.float32
         self.outcome = {x["node"]: x for x in report["nodes"]}
@@ -261,7 +258,7 @@ class _Builder:
                           "offset": {"kind": "int", "value": o_d}})
         attrs = dict(attrs)
         attrs["input_offset"] = {"kind": "int", "value": o_d}
-        self._emit(name=n.name, op=_INT8_OPS[n.op], precision="int8", inputs=ins,
+        self._emit(name=n.name, op=self.profile.int8_form(n.op), precision="int8", inputs=ins,
                    outputs=[f"{n.name}/acc"], out_dtypes=["int32"], attrs=attrs, **common)
         self._emit(name=f"{n.name}/dequantize", op="Dequantize", onnx_op="Dequantize", domain="",
                    device="npu", precision="int8", inputs=[f"{n.name}/acc", deq], outputs=[out],
@@ -341,7 +338,7 @@ def compile_onnx(model, profile: HardwareProfile, *, params: dict | None = None,
         if op_name_map and n.onnx_op in op_name_map:
             n.op = op_name_map[n.onnx_op]
     report = precheck(g, profile, set(layers))
-    kernels, tensors = _Builder(m, g, report, layers, weight_data_type).build()
+    kernels, tensors = _Builder(m, g, report, profile, layers, weight_data_type).build()
     inits = {i.name for i in m.graph.initializer}
     graph = {
         "opset": TARGET_OPSET,

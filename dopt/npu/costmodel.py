@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import math
 
-CONV = ("Convolution", "ConvolutionDepthwise", "ConvTranspose")
-MAC_OPS = CONV + ("FullyConnection", "MatMul", "BatchMatMul")
+from .rules import CONV_OPS, pad_channels
+
+MAC_OPS = CONV_OPS + ("FullyConnection", "MatMul", "BatchMatMul")
 EPILOGUE_OPS = ("Activation", "PRelu", "HardSwish")  # applied on a MAC kernel's output path
 FP16_BYTES = 2
-
-
-def _pad(c: int, block: int) -> int:
-    return -(-c // block) * block
 
 
 def _elems(shape) -> int:
@@ -52,9 +49,9 @@ def _macs(node, shapes, block: int) -> tuple[int, int]:
         cout, g = out[1], node.attrs.get("groups", 1)
         cin_g = w[1]
         if node.op == "ConvolutionDepthwise":
-            return pix * cout * k, pix * _pad(cout, block) * k
+            return pix * cout * k, pix * pad_channels(cout, block) * k
         return (pix * cout * cin_g * k,
-                pix * g * _pad(cout // g, block) * _pad(cin_g, block) * k)
+                pix * g * pad_channels(cout // g, block) * pad_channels(cin_g, block) * k)
     if node.op == "ConvTranspose":
         # weight (Cin, Cout/g, k...). The NPU runs it as a convolution over the input with
         # stride-1 zeros inserted, so it executes every output pixel x the whole kernel.
@@ -64,7 +61,7 @@ def _macs(node, shapes, block: int) -> tuple[int, int]:
         k, cin, cout_g = math.prod(w[2:]), w[0], w[1]
         g = max(1, out[1] // cout_g)
         return (src[0] * math.prod(src[2:]) * cin * cout_g * k,
-                out[0] * math.prod(out[2:]) * g * _pad(cin // g, block) * _pad(cout_g, block) * k)
+                out[0] * math.prod(out[2:]) * g * pad_channels(cin // g, block) * pad_channels(cout_g, block) * k)
     # FullyConnection / MatMul: rows x K x N
     n_out = out[-1]
     kdim = shapes.get(node.inputs[0], (0,))[-1]
@@ -73,7 +70,7 @@ def _macs(node, shapes, block: int) -> tuple[int, int]:
     rows = _elems(out) // max(n_out, 1)
     if kdim <= 0:
         return 0, 0
-    return rows * kdim * n_out, rows * _pad(kdim, block) * _pad(n_out, block)
+    return rows * kdim * n_out, rows * pad_channels(kdim, block) * pad_channels(n_out, block)
 
 
 class _Plan:

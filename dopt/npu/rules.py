@@ -64,7 +64,8 @@ def rule(name: str):
     return register
 
 
-def _pad(c: int, block: int) -> int:
+def pad_channels(c: int, block: int) -> int:
+    """``c`` rounded up to the hardware's channel block."""
     return -(-c // block) * block
 
 
@@ -73,8 +74,8 @@ def padding_waste(cin: int, cout: int, block: int, depthwise: bool = False) -> f
     if cin <= 0 or cout <= 0:
         return 0.0
     if depthwise:
-        return 1.0 - cout / _pad(cout, block)
-    return 1.0 - (cin * cout) / (_pad(cin, block) * _pad(cout, block))
+        return 1.0 - cout / pad_channels(cout, block)
+    return 1.0 - (cin * cout) / (pad_channels(cin, block) * pad_channels(cout, block))
 
 
 @rule("unsupported_op")

@@ -21,6 +21,12 @@ def _check_dir_writable(directory: Path) -> None:
                         hint="choose a directory you can write to")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; on success rename it over ``dest``."""
@@ -31,10 +37,23 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        if tmp.is_file():  # mkstemp makes 0600 files; give the user's usual permissions
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, dest)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_paths(*dests) -> Iterator[tuple[Path, ...]]:
+    """Several outputs that appear together: temporaries beside each, renamed only when all
+    were written (a failure leaves none of them)."""
+    stack = contextlib.ExitStack()
+    with stack:
+        tmps = tuple(stack.enter_context(atomic_path(d)) for d in dests)
+        yield tmps
+        # the renames happen as the stack unwinds; all files exist by now
 
 
 def write_json_atomic(dest: str | os.PathLike, obj) -> None:

@@ -60,3 +60,21 @@ def dopt_get_quant_loss(adapter, model):
 @hookspec(firstresult=True)
 def dopt_generate_final_model(adapter, model, config_file, weights_file, output_dir, options):
     """Write the deployable model(s) and the parameter file; return ``{kind: path}``."""
+
+
+@hookspec
+def dopt_claim_file(framework, model_path):
+    """Return the adapter name if this adapter quantizes ``model_path`` for ``dopt_so``.
+
+    ``framework`` is the reference CLI's number (3 TensorFlow, 5 PyTorch or ONNX). Decide
+    from the file name only: no framework import.
+    """
+
+
+@hookspec(firstresult=True)
+def dopt_quantize_file(adapter, job):
+    """No-training quantization of a model file (``dopt_so``); ``job`` is a ``dopt.ptq.PtqJob``.
+
+    Write the quantized model at ``job.output`` and the parameter file at
+    ``job.compress_conf`` (both atomically); return ``{kind: path}`` of what was written.
+    """

@@ -80,6 +80,7 @@ def build_qdq(model, params: dict):
     nodes = {n.name: n for n in m.graph.node}
     new_nodes: dict[str, list] = {}
     new_inits = []
+    replaced: set[str] = set()
 
     def const(name, arr):
         new_inits.append(nh.from_array(np.asarray(arr), name))
@@ -103,8 +104,13 @@ def build_qdq(model, params: dict):
                                     [f"{node_name}.input_dq"],
                                     name=f"{node_name}.input_Dequantize"))
         node.input[0] = f"{node_name}.input_dq"
-        # weight
+        # weight and bias: the DequantizeLinear output keeps the float tensor's name, so
+        # the parameter file's tensor names hold in the QDQ model and after QDQ stripping
         w_name = node.input[1]
+        if w_name in replaced:
+            raise DoptError(f"weight '{w_name}' is shared by several quantized nodes",
+                            field=f"layers.{node_name}",
+                            hint="give each layer its own weight tensor or leave one float")
         w = nh.to_array(inits[w_name]).astype(np.float32)
         ax = weight_axis(node)
         wq = nm.quantize_weight(np.moveaxis(w, ax, 0), w_scales, axis=0)
@@ -114,21 +120,21 @@ def build_qdq(model, params: dict):
         const(f"{w_name}.zero_point", np.zeros(len(w_scales), np.int8))
         pre.append(helper.make_node("DequantizeLinear",
                                     [f"{w_name}.quantized", f"{w_name}.scale",
-                                     f"{w_name}.zero_point"], [f"{w_name}.dq"], axis=ax,
+                                     f"{w_name}.zero_point"], [w_name], axis=ax,
                                     name=f"{node_name}.weight_Dequantize"))
-        node.input[1] = f"{w_name}.dq"
+        replaced.add(w_name)
         if len(node.input) > 2 and node.input[2] and node.op_type in ("Conv", "Gemm"):
             b_name = node.input[2]
             b = nh.to_array(inits[b_name]).astype(np.float32)
-            if b.ndim == 1 and b.shape[0] == len(w_scales):
+            if b.ndim == 1 and b.shape[0] == len(w_scales) and b_name not in replaced:
                 const(f"{b_name}.quantized", nm.quantize_bias(b, s_d, w_scales))
                 const(f"{b_name}.scale", nm.bias_scales(s_d, w_scales))
                 const(f"{b_name}.zero_point", np.zeros(len(w_scales), np.int32))
                 pre.append(helper.make_node("DequantizeLinear",
                                             [f"{b_name}.quantized", f"{b_name}.scale",
-                                             f"{b_name}.zero_point"], [f"{b_name}.dq"], axis=0,
+                                             f"{b_name}.zero_point"], [b_name], axis=0,
                                             name=f"{node_name}.bias_Dequantize"))
-                node.input[2] = f"{b_name}.dq"
+                replaced.add(b_name)
         new_nodes[node_name] = pre
     ordered = []
     for n in m.graph.node:
@@ -139,9 +145,12 @@ def build_qdq(model, params: dict):
     m.graph.initializer.extend(new_inits)
     # drop float weights/biases that no node reads any more
     used = {i for n in m.graph.node for i in n.input}
-    keep = [i for i in m.graph.initializer if i.name in used]
+    keep = [i for i in m.graph.initializer if i.name in used and i.name not in replaced]
     del m.graph.initializer[:]
     m.graph.initializer.extend(keep)
+    graph_in = [i for i in m.graph.input if i.name not in replaced]
+    del m.graph.input[:]
+    m.graph.input.extend(graph_in)
     onnx.checker.check_model(m)
     return m
 

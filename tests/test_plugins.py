@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PLUGIN = ROOT / "plugins" / "dopt-percentile"
+PLUGIN = ROOT / "plugins" / "dopt-aciq"
 sys.path.insert(0, str(PLUGIN))
-from dopt_percentile.observer import PercentileObserver  # noqa: E402
+from dopt_aciq.observer import ACIQObserver, optimal_clip  # noqa: E402
 
 
 def run_py(code, env_extra=None, cwd=None):
@@ -21,39 +21,63 @@ def run_py(code, env_extra=None, cwd=None):
                           cwd=cwd or ROOT, timeout=300)
 
 
-def test_percentile_histogram_merges_exactly():
+def test_aciq_state_merges_exactly():
     rng = np.random.default_rng(0)
-    a, b = rng.normal(0, 1, 5000), rng.normal(0, 40, 5000)
-    one = PercentileObserver()
+    a, b = rng.laplace(0, 1, 5000), rng.laplace(2, 40, 5000)
+    one = ACIQObserver()
     one.update(a)
     one.update(b)
-    x, y = PercentileObserver(), PercentileObserver()
+    x, y = ACIQObserver(), ACIQObserver()
     x.update(a)
     y.update(b)
-    x.merge(y.state())
-    assert x.exp == one.exp and np.array_equal(x.hist, one.hist) and x.range() == one.range()
-    assert x.hist.sum() == 10000 and len(x.hist) == 2048  # memory independent of samples
+    x.merge(json.loads(json.dumps(y.state())))  # JSON-able, as ranks exchange it
+    sx, so = x.state(), one.state()
+    assert {k: sx[k] for k in ("n", "n_pos", "n_neg", "lo", "hi")} == \
+        {k: so[k] for k in ("n", "n_pos", "n_neg", "lo", "hi")}
+    for k in ("sum", "sum_abs", "sum_sq"):
+        assert sx[k] == pytest.approx(so[k], rel=1e-12)
+    assert x.range() == pytest.approx(one.range(), rel=1e-9)
+    assert len(sx) == 8 and sx["n"] == 10000  # memory independent of samples
 
 
-def test_percentile_clips_outliers():
+def test_aciq_optimal_clipping_matches_the_paper():
+    # Banner et al. 2019, 8 bits: alpha* = 9.89 b (Laplace), 3.92 sigma (Gaussian)
+    assert optimal_clip("laplace") == pytest.approx(9.89, abs=0.01)
+    assert optimal_clip("gauss") == pytest.approx(3.92, abs=0.01)
+    assert optimal_clip("laplace", levels=16) == pytest.approx(5.03, abs=0.01)  # 2**4 levels
+    with pytest.raises(ValueError, match="distribution"):
+        ACIQObserver("cauchy")
+
+
+def test_aciq_clips_outliers():
     rng = np.random.default_rng(1)
-    x = rng.normal(0, 1, 200000)
+    x = rng.laplace(0, 1, 200000)
     x[:3] = [500.0, -400.0, 300.0]
-    o = PercentileObserver()
+    o = ACIQObserver()
     o.update(x)
     lo, hi = o.range()
-    assert -6 < lo < -3 and 3 < hi < 6
+    assert -11 < lo < -9 and 9 < hi < 11
+    g = ACIQObserver("gauss")
+    g.update(rng.normal(0, 1, 200000))
+    assert g.range() == pytest.approx((-3.92, 3.92), abs=0.1)
+    relu = ACIQObserver()
+    relu.update(np.maximum(rng.laplace(0, 1, 200000), 0))  # one-sided: fit the tail only
+    lo, hi = relu.range()
+    assert lo == 0.0 and 10 < hi < 12.5
+    empty = ACIQObserver()
+    empty.update(np.zeros(0))
+    assert empty.empty
 
 
 @pytest.fixture(scope="module")
 def installed_plugin(tmp_path_factory):
-    """Install plugins/dopt-percentile as its own distribution into a private folder."""
+    """Install plugins/dopt-aciq as its own distribution into a private folder."""
     target = tmp_path_factory.mktemp("site")
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
                         "--no-build-isolation", "--no-index", "--target", str(target),
                         str(PLUGIN)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert (target / "dopt_percentile").is_dir()
+    assert (target / "dopt_aciq").is_dir()
     return target
 
 
@@ -61,9 +85,11 @@ def test_installed_plugin_is_discovered(installed_plugin):
     code = "from dopt import plugin_manager as pm; print(sorted(pm.range_algorithms()))"
     r = run_py(code, {"PYTHONPATH": str(installed_plugin)}, cwd=installed_plugin)
     assert r.returncode == 0, r.stderr
-    assert "percentile" in r.stdout and "minmax" in r.stdout
-    r = run_py(code)  # without it: not there
-    assert "percentile" not in r.stdout
+    assert "'aciq'" in r.stdout and "'aciq_gauss'" in r.stdout and "'minmax'" in r.stdout
+    r = run_py(code)  # without it: not there, while the core's own algorithms are
+    assert "aciq" not in r.stdout
+    for name in ("minmax", "ema_minmax", "percentile", "entropy", "mse"):
+        assert f"'{name}'" in r.stdout
 
 
 def test_installed_plugin_calibrates_through_config(installed_plugin, tmp_path):
@@ -74,7 +100,7 @@ from dopt.dopt_torch.opt_main import generate_config_file, optimize_model, set_c
 from tests.tiny_net import build
 generate_config_file(build(), "x:1,3,16,16", dst_path="{tmp_path}/g.json")
 res = {{}}
-for alg in ("minmax", "percentile"):
+for alg in ("minmax", "aciq"):
     cfg = json.load(open("{tmp_path}/g.json"))
     cfg["dopt_options"] = {{"activation_range": alg}}
     cfg["layer_strategy"]["conv1"]["quant_strategy"] = "Quant_INT8-8"
@@ -94,7 +120,7 @@ print(json.dumps(res))
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["minmax"][1] == 80.0
-    assert res["percentile"][2] == "percentile" and res["percentile"][1] < 10.0
+    assert res["aciq"][2] == "aciq" and res["aciq"][1] < 10.0
 
 
 def test_unknown_algorithm_names_the_plugin_gap(tmp_path):

@@ -67,3 +67,19 @@ def dopt_generate_final_model(adapter, model, config_file, weights_file, output_
         return None
     from .export import generate_final_model
     return generate_final_model(model, config_file, weights_file, output_dir)
+
+
+@hookimpl
+def dopt_claim_file(framework, model_path):
+    path = str(model_path)
+    if framework == 5 and (path.lower().endswith(".py") or ".py:" in path):
+        return NAME
+    return None
+
+
+@hookimpl
+def dopt_quantize_file(adapter, job):
+    if adapter != NAME:
+        return None
+    from .so import quantize_job
+    return quantize_job(job)

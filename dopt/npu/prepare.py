@@ -171,6 +171,74 @@ def fold_constants(model) -> None:
     model.graph.input.extend(graph_in)
 
 
+def _fold_constant_dequantize(model) -> None:
+    """DequantizeLinear on constant tensors -> float initializers: ``(q - zp) * scale`` in
+    float32 along ``axis``, exactly as the operator defines it."""
+    import numpy as np
+    from onnx import numpy_helper
+    inits = {i.name: i for i in model.graph.initializer}
+    kept = []
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx") and \
+                all(x in inits for x in n.input if x):
+            q = numpy_helper.to_array(inits[n.input[0]])
+            s = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
+            zp = (numpy_helper.to_array(inits[n.input[2]]) if len(n.input) > 2 and n.input[2]
+                  else np.zeros_like(s, dtype=q.dtype))
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+            if s.ndim == 1 and s.size > 1 and q.ndim:
+                shape = [1] * q.ndim
+                shape[axis % q.ndim] = -1
+                s, zp = s.reshape(shape), zp.reshape(shape)
+            val = ((q.astype(np.float32) - zp.astype(np.float32)) * s).astype(np.float32)
+            model.graph.initializer.append(numpy_helper.from_array(val, n.output[0]))
+            continue
+        kept.append(n)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+
+
+def strip_qdq(model) -> int:
+    """Remove QuantizeLinear -> DequantizeLinear pairs on activations; return how many.
+
+    A QDQ model (``dopt_so``'s output, or another tool's) then reads as its float graph:
+    the quantization itself comes from the parameter file, and DequantizeLinear nodes on
+    constant weights fold back into float initializers (``fold_constants``).
+    """
+    from onnx import helper
+    _fold_constant_dequantize(model)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    graph_outputs = {o.name for o in model.graph.output}
+    rename, drop = {}, set()
+    for n in model.graph.node:
+        if n.op_type != "DequantizeLinear" or n.domain not in ("", "ai.onnx"):
+            continue
+        q = producer.get(n.input[0])
+        if q is None or q.op_type != "QuantizeLinear":
+            continue
+        rename[n.output[0]] = q.input[0]
+        drop.add(id(n))
+    if not rename:
+        return 0
+    kept = []
+    for n in model.graph.node:
+        if id(n) in drop:
+            continue
+        for i, x in enumerate(n.input):
+            n.input[i] = rename.get(x, x)
+        kept.append(n)
+    for out, src in rename.items():
+        if out in graph_outputs:
+            kept.append(helper.make_node("Identity", [src], [out], name=f"{out}_qdq_stripped"))
+    used = {x for n in kept for x in n.input}
+    kept = [n for n in kept if not (n.op_type == "QuantizeLinear" and
+                                    not used.intersection(n.output) and
+                                    not graph_outputs.intersection(n.output))]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return len(rename)
+
+
 def _numel(t) -> int:
     n = 1
     for d in t.dims:
@@ -213,5 +281,6 @@ def prepare(model, *, input_shapes=None, out_nodes=None, file=None):
         set_input_shapes(m, {}, file)
     if out_nodes:
         cut_outputs(m, out_nodes, file)
+    strip_qdq(m)
     fold_constants(m)
     return infer_shapes(m, file)

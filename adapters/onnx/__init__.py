@@ -1,0 +1,1 @@
+"""ONNX adapter: calibration in ONNX Runtime, QDQ model and parameter file out."""

@@ -20,6 +20,7 @@ from . import calibset, plugin_manager
 from .calibrate import resolve_algorithm
 from .config import parse_input_shape
 from .errors import DoptError
+from .fileio import check_output_path
 from .ptq import DEFAULT_BIAS_CORRECTION, DEFAULT_EQUALIZATION, PtqJob
 from .so_config import load_so_config
 
@@ -129,6 +130,8 @@ def make_job(a, log=_log) -> tuple[str, PtqJob, list]:
                 log(f"--{flag} is not used for PyTorch models (as in the reference tool)")
     elif a.weight:
         log("--weight is only used for PyTorch models; ignored")
+    check_output_path(a.output, field="--output")
+    check_output_path(a.compress_conf, field="--compress_conf")
     cfg = load_so_config(a.cal_conf)
     text = a.input_shape.replace("，", ",").replace("；", ";")
     shapes = parse_input_shape(text, source="--input_shape")

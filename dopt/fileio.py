@@ -21,6 +21,18 @@ def _check_dir_writable(directory: Path) -> None:
                         hint="choose a directory you can write to")
 
 
+def check_output_path(dest, *, field: str) -> None:
+    """Fail before any long work when ``dest`` could not be written at the end."""
+    d = Path(dest)
+    if d.is_dir():
+        raise DoptError("the output path is a directory", file=str(dest), field=field,
+                        expected="a file path")
+    try:
+        _check_dir_writable(d.parent)
+    except DoptError as e:
+        raise DoptError(e.what, file=e.file, field=field, hint=e.hint) from None
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

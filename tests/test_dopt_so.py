@@ -214,7 +214,8 @@ def _no_outputs(work, stem):
 
 
 @pytest.mark.parametrize("case", ["magic", "truncated", "dims", "empty_dir", "bad_image",
-                                  "exclude", "mean_count", "prototxt", "unwritable", "path"])
+                                  "exclude", "mean_count", "prototxt", "unwritable", "no_dir",
+                                  "path"])
 def test_bad_inputs(work, case):
     stem = f"bad_{case}"
     conf = f"{stem}.prototxt"
@@ -260,6 +261,10 @@ def test_bad_inputs(work, case):
         os.chmod(work / "ro", 0o500)
         cmd[cmd.index("--output") + 1] = f"./ro/{stem}.onnx"
         needles = ["ro"]
+    elif case == "no_dir":
+        text = BIN_CONF.format(path="cal610.bin", extra="")
+        cmd[cmd.index("--compress_conf") + 1] = "./nodir/bad_param"
+        needles = ["nodir", "does not exist"]
     else:  # path
         text = BIN_CONF.format(path="cal610.bin", extra="")
         cmd[cmd.index("--output") + 1] = f"./{stem}-x.onnx"

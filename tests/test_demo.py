@@ -1,5 +1,9 @@
 """The README's main job, end to end on the shipped data."""
+from pathlib import Path
+
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
@@ -28,3 +32,16 @@ def test_demo_default_mobilenetv2_meets_bars(tmp_path):
     assert r["qat"] >= r["float"] - 0.3
     assert r["agreement"] >= 99.9
     assert r["npu"]["int8"]["agree"] >= 99.9
+
+
+def test_no_training_demo_runs(tmp_path):
+    """demos/no_training/run_release.sh: prepare -> dopt_so (reference flags) -> omg -> NPU."""
+    import json
+    import subprocess
+    r = subprocess.run(["bash", str(ROOT / "demos" / "no_training" / "run_release.sh"),
+                        str(tmp_path / "out"), "image"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["float_top1"] - res["qdq_top1"] <= 1.0
+    assert res["npu_vs_qdq_agreement"] >= 99.0

@@ -34,7 +34,8 @@ from dopt.npu.rules import int8_skipped
 MAX_MODEL_BYTES = 2 << 30
 QUANT_OPS = ("Conv", "Gemm", "MatMul")
 # activations between two convolutions through which equalization is exact: f(x/s) = f(x)/s
-HOMOGENEOUS = ("Relu", "LeakyRelu", "Identity")
+HOMOGENEOUS = ("Relu", "LeakyRelu", "PRelu", "Identity")
+CHECK_SAMPLES = 32  # calibration samples the quantized model is compared with float on
 
 
 @dataclass
@@ -465,7 +466,12 @@ def check_against_float(result: PtqResult, feed: dict, log) -> float:
     got = onnx_qdq.ort_session(result.model.SerializeToString(), optimize=False)
     names = [i.name for i in ref.get_inputs()]
     fd = {k: v for k, v in feed.items() if k in names}
-    a, b = ref.run(None, fd)[0], got.run(None, fd)[0]
+    n = len(next(iter(fd.values())))
+    step = min(_fixed_batch(result.float_model).values(), default=n)
+    a = np.concatenate([ref.run(None, {k: v[i:i + step] for k, v in fd.items()})[0]
+                        for i in range(0, n, step)])
+    b = np.concatenate([got.run(None, {k: v[i:i + step] for k, v in fd.items()})[0]
+                        for i in range(0, n, step)])
     if not np.all(np.isfinite(b)):
         raise DoptError("the quantized model produces non-finite outputs",
                         hint="report this as a bug in dopt with the model")
@@ -473,6 +479,18 @@ def check_against_float(result: PtqResult, feed: dict, log) -> float:
     log(f"check: quantized vs float output SQNR {db:.1f} dB on {len(next(iter(fd.values())))} "
         f"calibration sample(s)")
     return db
+
+
+def _first_samples(feeds, n: int) -> dict:
+    """Up to ``n`` samples from the start of the calibration set, as one feed."""
+    parts: list[dict] = []
+    got = 0
+    for feed in feeds:
+        parts.append(feed)
+        got += len(next(iter(feed.values())))
+        if got >= n:
+            break
+    return {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]} if parts else {}
 
 
 def write_outputs(result: PtqResult, output, param_file) -> dict:
@@ -508,9 +526,9 @@ def quantize_job(job) -> dict:
                        num_samples=job.num_samples, progress=job.progress, log=job.log,
                        file=job.model, config_file=job.config_file,
                        model_file_name=os.path.basename(job.output))
-    first = next(iter(job.feeds()), None)
-    if first is not None:
-        check_against_float(r, first, job.log)
+    check = _first_samples(job.feeds(), CHECK_SAMPLES)
+    if check:
+        check_against_float(r, check, job.log)
     job.log(f"{len(r.quantized)} layer(s) INT8, {len(r.float_layers)} float; "
             f"{r.stats.samples} calibration sample(s); {r.seconds:.1f} s")
     return write_outputs(r, job.output, job.compress_conf)

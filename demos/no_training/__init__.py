@@ -1,0 +1,1 @@
+"""No-training quantization demo: the reference tool's dopt_so flow on a Fashion-MNIST model."""

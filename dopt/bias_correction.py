@@ -89,6 +89,12 @@ class ChannelMeanObserver:
         ax = self.axis % x.ndim
         if not x.size:
             return
+        if ax == 1 and x.ndim > 2 and x.dtype == np.float32:
+            # NCHW fast path: float32 pairwise sums over each (sample, channel) plane, then
+            # float64 across samples - no float64 copy of the whole tensor
+            planes = np.ascontiguousarray(x).reshape(x.shape[0], x.shape[1], -1).sum(axis=2)
+            self._add(planes.sum(axis=0, dtype=np.float64), x.size // x.shape[ax])
+            return
         red = tuple(i for i in range(x.ndim) if i != ax)
         self._add(x.sum(axis=red, dtype=np.float64), x.size // x.shape[ax])
 

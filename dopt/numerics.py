@@ -21,6 +21,9 @@ W_QMAX = 127
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 ACT_LEVELS = ACT_QMAX - ACT_QMIN  # 255 steps between qmin and qmax
 MIN_SCALE = 1e-8  # floor for a degenerate (all-zero) activation range
+# a weight channel with max|w| below this is a zero channel (scale 1.0, all w_q = 0): its
+# scale would fall under the parameter file's 1e-12 floor and it contributes nothing
+W_ZERO_AMAX = 127 * 1e-12
 
 _f32 = np.float32
 
@@ -61,12 +64,12 @@ def fake_quant_activation(x, scale, offset) -> np.ndarray:
 
 
 def weight_scales(w, axis: int = 0) -> np.ndarray:
-    """Per-channel symmetric scales ``max|w_c| / 127``; an all-zero channel gets 1.0."""
+    """Per-channel symmetric scales ``max|w_c| / 127``; a zero channel gets 1.0."""
     w = np.asarray(w, dtype=np.float32)
     red = tuple(i for i in range(w.ndim) if i != axis)
     amax = np.max(np.abs(w), axis=red) if red else np.abs(w)
     scales = (amax / _f32(W_QMAX)).astype(np.float32)
-    return np.where(amax > 0, scales, _f32(1.0)).astype(np.float32)
+    return np.where(amax >= _f32(W_ZERO_AMAX), scales, _f32(1.0)).astype(np.float32)
 
 
 def _bcast(s, ndim: int, axis: int):

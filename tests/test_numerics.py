@@ -30,6 +30,10 @@ def test_weight_per_channel_golden():
     q = nm.quantize_weight(w, s)
     assert q.tolist() == [[50, -127, 0], [0, 0, 0], [127, 50, 0]]
     assert q.dtype == np.int8 and q.min() >= -127
+    # a channel of denormal-size weights is a zero channel, not a 1e-36 scale
+    tiny = np.array([[1e-34, -1e-35, 0.0]], np.float32)
+    assert nm.weight_scales(tiny).tolist() == [1.0]
+    assert nm.quantize_weight(tiny, nm.weight_scales(tiny)).tolist() == [[0, 0, 0]]
 
 
 def test_bias_int32_golden():

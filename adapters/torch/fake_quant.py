@@ -83,10 +83,11 @@ def fake_quant_activation(x, lo, hi):
 
 
 def weight_scales(w):
-    """Per output channel (dim 0) ``max|w| / 127``, 1.0 for an all-zero channel; no grad."""
+    """Per output channel (dim 0) ``max|w| / 127``, 1.0 for a zero channel; no grad."""
     with torch.no_grad():
         amax = w.detach().abs().flatten(1).amax(dim=1)
-        return torch.where(amax > 0, amax / float(nm.W_QMAX), torch.ones_like(amax))
+        return torch.where(amax >= float(np.float32(nm.W_ZERO_AMAX)), amax / float(nm.W_QMAX),
+                           torch.ones_like(amax))
 
 
 class _FakeQuantWeight(torch.autograd.Function):

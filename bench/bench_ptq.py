@@ -42,6 +42,7 @@ model, so a partial run keeps the other models' rows) and a Markdown table on st
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -335,7 +336,7 @@ def worker(args) -> int:
     try:
         if base_method.startswith("ort:"):
             from bench import ptq_peers
-            import onnxruntime.quantization  # noqa: F401  (import outside the timed call)
+            importlib.import_module("onnxruntime.quantization")  # outside the timed call
             extra = json.loads(args.ort_extra) if args.ort_extra else None
             call = lambda: ptq_peers.ort_quantize(  # noqa: E731
                 model_path, calib, out_path, base_method.split(":", 1)[1],
@@ -343,7 +344,7 @@ def worker(args) -> int:
         elif base_method == "nncf":
             from bench import ptq_peers
             try:
-                import nncf  # noqa: F401
+                importlib.import_module("nncf")
             except Exception as e:  # record the exact error, do not stop the bench
                 res.update(status="error", error=f"nncf import failed: {type(e).__name__}: {e}")
                 print(RESULT_TAG + json.dumps(res), flush=True)

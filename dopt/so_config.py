@@ -3,31 +3,8 @@
 The file is parsed by ``google.protobuf.text_format`` against a real proto2 message
 definition that this module builds in Python (``descriptor_pb2``; protoc is not
 needed). The equivalent ``.proto`` text, for documentation, is ``dopt/so_config.proto``
-and :func:`schema_proto_text` renders it from the descriptor::
-
-    message PreprocessParameter {
-      enum InputType { BINARY = 0; IMAGE = 1; }
-      enum ImageFormat { BGR = 0; RGB = 1; }
-      optional InputType input_type = 1 [default = IMAGE];
-      optional ImageFormat image_format = 2 [default = BGR];
-      repeated float mean_value = 3;
-      optional float standard_deviation = 4 [default = 0.0];
-      optional string input_file_path = 5;
-    }
-    message Config {
-      enum Device { USE_CPU = 0; USE_GPU = 1; }
-      optional string strategy = 1 [default = "Quant_INT8-8"];
-      optional Device device = 2 [default = USE_CPU];
-      repeated string exclude_op = 3;
-      repeated PreprocessParameter preprocess_parameter = 4;
-      // dopt additions (absent = the caller decides)
-      optional string calibration_algorithm = 101;
-      optional int32 calibration_samples = 102;
-      optional int32 batch_size = 103;
-      optional int32 seed = 104;
-      optional bool bias_correction = 105;
-      optional bool equalization = 106;
-    }
+and :func:`schema_proto_text` renders it from the descriptor (a test keeps the two
+equal).
 
 ``//`` comments: the reference's own examples comment with ``//``, which protobuf
 text format does not accept (it uses ``#``). Before parsing, every ``//`` outside a

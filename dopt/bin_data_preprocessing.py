@@ -23,7 +23,7 @@ import sys
 import numpy as np
 
 from .calibset import MAGIC_NCHW, MAGIC_ND, BinWriter, images_to_bin
-from .errors import DoptError
+from .errors import DoptError, run_cli
 
 _CHUNK_SAMPLES = 256
 
@@ -110,34 +110,35 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _convert(a) -> tuple[int, tuple]:
+    shape = _parse_shape(a.shape) if a.shape else None
+    if a.images is not None:
+        if shape is None:
+            raise DoptError("--images needs --shape (the model input shape)", field="--shape",
+                            hint="add e.g. --shape 1,3,224,224")
+        n = images_to_bin(a.images, a.output, shape=shape, image_format="RGB" if a.rgb else "BGR",
+                          mean=_parse_floats(a.mean, "--mean"), std=a.std, magic=a.magic,
+                          input_format=a.input_format)
+        sample = shape[1:]
+        if a.magic == MAGIC_NCHW and a.input_format == "NHWC":
+            sample = (shape[3], shape[1], shape[2])
+    else:
+        if a.mean or a.std or a.rgb:
+            raise DoptError("--mean, --std and --rgb apply to --images only", field="--npy",
+                            hint="normalize the array before saving it, or drop those options")
+        n, sample = npy_to_bin(a.npy, a.output, magic=a.magic, shape=shape)
+    return n, tuple(sample)
+
+
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    try:
-        shape = _parse_shape(a.shape) if a.shape else None
-        if a.images is not None:
-            if shape is None:
-                raise DoptError("--images needs --shape (the model input shape)", field="--shape",
-                                hint="add e.g. --shape 1,3,224,224")
-            n = images_to_bin(a.images, a.output, shape=shape, image_format="RGB" if a.rgb else "BGR",
-                              mean=_parse_floats(a.mean, "--mean"), std=a.std, magic=a.magic,
-                              input_format=a.input_format)
-            sample = shape[1:]
-            if a.magic == MAGIC_NCHW and a.input_format == "NHWC":
-                sample = (shape[3], shape[1], shape[2])
-        else:
-            if a.mean or a.std or a.rgb:
-                raise DoptError("--mean, --std and --rgb apply to --images only", field="--npy",
-                                hint="normalize the array before saving it, or drop those options")
-            n, sample = npy_to_bin(a.npy, a.output, magic=a.magic, shape=shape)
-    except DoptError as e:
-        print(f"bin_data_preprocessing: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("bin_data_preprocessing: interrupted", file=sys.stderr)
-        return 130
-    print(f"wrote {n} sample(s) of shape ({', '.join(map(str, sample))}) to {a.output} "
-          f"(magic {a.magic}, {os.path.getsize(a.output)} bytes)")
-    return 0
+
+    def body():
+        n, sample = _convert(a)
+        print(f"wrote {n} sample(s) of shape ({', '.join(map(str, sample))}) to {a.output} "
+              f"(magic {a.magic}, {os.path.getsize(a.output)} bytes)")
+        return 0
+    return run_cli("bin_data_preprocessing", body)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from .errors import DoptError
+from .errors import DoptError, run_cli
 
 
 def _adapters(a):
@@ -165,14 +165,7 @@ def main(argv=None) -> int:
 
         def fn():
             return a.fn(a)
-    try:
-        return fn()
-    except DoptError as e:
-        print(f"dopt: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("dopt: interrupted", file=sys.stderr)
-        return 130
+    return run_cli("dopt", fn)
 
 
 if __name__ == "__main__":

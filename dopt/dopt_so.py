@@ -19,7 +19,7 @@ from pathlib import PurePath
 from . import calibset, plugin_manager
 from .calibrate import resolve_algorithm
 from .config import parse_input_shape
-from .errors import DoptError
+from .errors import DoptError, run_cli
 from .fileio import check_output_path
 from .ptq import DEFAULT_BIAS_CORRECTION, DEFAULT_EQUALIZATION, PtqJob
 from .so_config import load_so_config
@@ -176,17 +176,11 @@ def run(argv=None, log=_log) -> dict:
 
 
 def main(argv=None) -> int:
-    try:
-        written = run(argv)
-    except DoptError as e:
-        print(f"dopt_so: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("dopt_so: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    for kind, path in written.items():
-        print(f"{kind}: {path}")
-    return 0
+    def body():
+        for kind, path in run(argv).items():
+            print(f"{kind}: {path}")
+        return 0
+    return run_cli("dopt_so", body, interrupted="interrupted; nothing was written")
 
 
 if __name__ == "__main__":

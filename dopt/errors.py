@@ -29,6 +29,19 @@ class DoptError(Exception):
         super().__init__(msg)
 
 
+def run_cli(prog: str, fn, *, interrupted: str = "interrupted") -> int:
+    """Run a command's body: a DoptError is one paragraph on stderr and exit 2, Ctrl-C 130."""
+    import sys
+    try:
+        return fn()
+    except DoptError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 130
+
+
 class MissingExtraError(DoptError):
     """A framework the operation needs is not installed."""
 

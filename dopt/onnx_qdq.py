@@ -13,6 +13,7 @@ from . import numerics as nm
 from .errors import DoptError, MissingExtraError
 
 QDQ_MIN_OPSET = 13
+MAX_MODEL_BYTES = 2 << 30
 
 
 def require_onnx(purpose: str = "Reading ONNX models"):
@@ -22,6 +23,24 @@ def require_onnx(purpose: str = "Reading ONNX models"):
     except ImportError:
         raise MissingExtraError("onnx", "onnx", purpose) from None
     return onnx
+
+
+def load_model(path, *, field: str = "--model", purpose: str = "Reading ONNX models"):
+    """A user's ``.onnx`` file: size-bounded, parsed without external data, errors in one line."""
+    from .fileio import existing_file
+    p = existing_file(path, field=field, max_bytes=MAX_MODEL_BYTES, what="model file")
+    onnx = require_onnx(purpose)
+    try:
+        m = onnx.load(str(p), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
+        raise DoptError(f"the model file is not a readable ONNX model ({e.__class__.__name__})",
+                        file=str(path), field=field,
+                        hint="pass an .onnx file written by an ONNX exporter") from None
+    if any(i.data_location == onnx.TensorProto.EXTERNAL for i in m.graph.initializer):
+        raise DoptError("the model keeps its weights in external data files", file=str(path),
+                        field=field, hint="save it as one file: onnx.save(model, path, "
+                        "save_as_external_data=False)")
+    return m
 
 
 def _onnx():

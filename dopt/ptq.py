@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from .calibrate import DEFAULT_ALGORITHM
+
 DEFAULT_EQUALIZATION = False   # measured: docs/benchmarks.md, "No-training quantization"
 DEFAULT_BIAS_CORRECTION = True
 
@@ -23,7 +25,7 @@ class PtqJob:
     input_shapes: dict[str, tuple[int, ...]]
     feeds: Callable[[], Iterator[dict]]     # fresh iterator of {input name: float32 batch}
     num_samples: int                        # what ``feeds`` will give (progress bar)
-    algorithm: str = "mse"
+    algorithm: str = DEFAULT_ALGORITHM
     weight: str | None = None
     input_format: str = "NCHW"
     out_nodes: str | None = None

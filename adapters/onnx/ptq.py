@@ -22,16 +22,15 @@ import dopt
 from dopt import numerics as nm
 from dopt import onnx_qdq
 from dopt import params as P
-from dopt.bias_correction import weight_bias_shift
+from dopt.bias_correction import corrected_bias
 from dopt.calibrate import Statistics, calibrate, resolve_algorithm
 from dopt.equalize import equalize_pair
 from dopt.errors import DoptError
-from dopt.fileio import atomic_paths, existing_file
+from dopt.fileio import atomic_paths
 from dopt.npu import prepare as prep
 from dopt.npu.profile import load_profile
-from dopt.npu.rules import int8_skipped
+from dopt.npu.rules import int8_skip_reason, int8_skipped
 
-MAX_MODEL_BYTES = 2 << 30
 QUANT_OPS = ("Conv", "Gemm", "MatMul")
 # activations between two convolutions through which equalization is exact: f(x/s) = f(x)/s
 HOMOGENEOUS = ("Relu", "LeakyRelu", "PRelu", "Identity")
@@ -60,21 +59,6 @@ class PtqResult:
     stats: Statistics
     seconds: float
     notes: list[str] = field(default_factory=list)
-
-
-def load_model(path, *, field_name: str = "--model"):
-    p = existing_file(path, field=field_name, max_bytes=MAX_MODEL_BYTES, what="ONNX model")
-    try:
-        m = onnx.load(str(p), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
-        raise DoptError(f"cannot read the file as an ONNX model ({e.__class__.__name__})",
-                        file=str(path), field=field_name,
-                        hint="pass a model saved with onnx.save / torch.onnx.export") from None
-    if any(i.data_location == onnx.TensorProto.EXTERNAL for i in m.graph.initializer):
-        raise DoptError("the model keeps its weights in external data files", file=str(path),
-                        field=field_name, hint="save it as one file: onnx.save(model, path, "
-                        "save_as_external_data=False)")
-    return m
 
 
 def prepare_model(model, *, input_shapes=None, out_nodes=None, file=None):
@@ -113,22 +97,22 @@ def _attr(node, name, default):
 
 
 def find_layers(m) -> dict[str, Layer]:
-    """Conv / Gemm / MatMul nodes with a constant weight, in graph order."""
+    """The Conv / Gemm / MatMul nodes of ``onnx_qdq.graph_layers`` that take an activation."""
     inits = {i.name: i for i in m.graph.initializer}
+    nodes = {n.name: n for n in m.graph.node}
     out = {}
-    for n in m.graph.node:
-        if n.op_type not in QUANT_OPS or len(n.input) < 2 or n.input[1] not in inits:
+    for name, g in onnx_qdq.graph_layers(m).items():
+        n = nodes[name]
+        if n.op_type not in QUANT_OPS or n.input[0] in inits:
             continue
-        if n.input[0] in inits:
-            continue
-        w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float32)
+        w = numpy_helper.to_array(inits[g["weight"]]).astype(np.float32)
         if n.op_type == "Conv":
             groups, in_axis = int(_attr(n, "group", 1)), 1
         elif w.ndim == 2 and (n.op_type == "MatMul" or not _attr(n, "transA", 0)):
             groups, in_axis = 1, -1
         else:
             continue
-        out[n.name] = Layer(n, np.moveaxis(w, onnx_qdq.weight_axis(n), 0), groups, in_axis)
+        out[name] = Layer(n, np.moveaxis(w, onnx_qdq.weight_axis(n), 0), groups, in_axis)
     return out
 
 
@@ -151,8 +135,7 @@ def select_layers(layers: dict[str, Layer], exclude, *, npu_placement: bool, fil
             cin = ly.weight.shape[1] * ly.groups if ly.node.op_type == "Conv" else 0
             if name not in floats and ly.node.op_type == "Conv" and \
                     int8_skipped(cin, ly.groups, profile):
-                floats[name] = (f"Cin={cin} <= {profile.alignment['int8_min_cin'] - 1}: the NPU "
-                                f"runs it in FP16")
+                floats[name] = int8_skip_reason(cin, profile)
     return [n for n in layers if n not in floats], floats
 
 
@@ -193,8 +176,8 @@ def equalize(m, layers: dict[str, Layer], log) -> int:
             continue
         if ly2.groups not in (1, c) or (ly2.groups == 1 and ly2.weight.shape[1] != c):
             continue
-        b1 = (numpy_helper.to_array(inits[n.input[2]]).astype(np.float32)
-              if len(n.input) > 2 and n.input[2] else np.zeros(c, np.float32))
+        b1 = _bias_of(inits, ly)
+        b1 = np.zeros(c, np.float32) if b1 is None else b1
         w1, b1, w2, _s = equalize_pair(ly.weight, b1, ly2.weight, groups2=ly2.groups)
         _set_weight(m, inits, ly, w1)
         _set_bias(m, inits, ly, b1)
@@ -203,6 +186,12 @@ def equalize(m, layers: dict[str, Layer], log) -> int:
     if pairs:
         log(f"cross-layer equalization: {pairs} convolution pair(s)")
     return pairs
+
+
+def _bias_of(inits, ly: Layer) -> np.ndarray | None:
+    n = ly.node
+    return (numpy_helper.to_array(inits[n.input[2]]).astype(np.float32)
+            if len(n.input) > 2 and n.input[2] else None)
 
 
 def _set_weight(m, inits, ly: Layer, w_cfirst: np.ndarray) -> None:
@@ -244,16 +233,11 @@ def correct_biases(m, layers: dict[str, Layer], quantized, stats: Statistics, lo
         mean = stats.channel_means.get(ly.node.input[0])
         if mean is None or not _can_take_bias(ly):
             continue
-        n = ly.node
-        if n.op_type == "Gemm" and len(n.input) > 2 and n.input[2]:
-            b0 = numpy_helper.to_array(inits[n.input[2]])
-            if b0.ndim != 1 or b0.shape[0] != ly.weight.shape[0]:
-                continue  # a broadcast C we cannot shift per channel
+        b = _bias_of(inits, ly)
+        if b is not None and (b.ndim != 1 or b.shape[0] != ly.weight.shape[0]):
+            continue  # a broadcast Gemm C we cannot shift per channel
         w_fq = nm.fake_quant_weight(ly.weight, nm.weight_scales(ly.weight, 0), 0)
-        shift = weight_bias_shift(ly.weight, w_fq, mean, groups=ly.groups)
-        b = (numpy_helper.to_array(inits[n.input[2]]).astype(np.float32)
-             if len(n.input) > 2 and n.input[2] else np.zeros(ly.weight.shape[0], np.float32))
-        _set_bias(m, inits, ly, (b - shift).astype(np.float32))
+        _set_bias(m, inits, ly, corrected_bias(b, ly.weight, w_fq, mean, groups=ly.groups))
         done += 1
     if done:
         log(f"bias correction: {done} layer(s)")
@@ -394,7 +378,7 @@ def quantize_model(model, feeds: Callable[[], Iterator[dict]], *, algorithm: str
     t0 = time.perf_counter()
     if not isinstance(model, onnx.ModelProto):
         file = file or str(model)
-        model = load_model(model)
+        model = onnx_qdq.load_model(model, purpose="Quantizing ONNX models")
     algorithm = resolve_algorithm(algorithm, file=config_file)
     equalization = DEFAULT_EQUALIZATION if equalization is None else equalization
     bias_correction = DEFAULT_BIAS_CORRECTION if bias_correction is None else bias_correction

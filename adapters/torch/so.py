@@ -71,8 +71,11 @@ def _config(model, job, work: Path) -> Path:
                         expected="names of Conv2d/Linear modules, e.g. " + ", ".join(names[:5]))
     floats = {e: "exclude_op" for e in job.exclude}
     if job.npu_placement:
-        for n in npu_skips_int8(dict(model.named_modules()), names):
-            floats.setdefault(n, "Cin <= 16: the NPU runs it in FP16")
+        from dopt.npu.profile import load_profile
+        from dopt.npu.rules import int8_skip_reason
+        mods, profile = dict(model.named_modules()), load_profile()
+        for n in npu_skips_int8(mods, names):
+            floats.setdefault(n, int8_skip_reason(mods[n].in_channels, profile))
     for n, entry in doc["layer_strategy"].items():
         entry["quant_strategy"] = FLOAT if n in floats else INT8
         if n in floats:

@@ -13,9 +13,9 @@ from pathlib import Path
 from ..config import parse_input_shape
 from ..errors import DoptError
 from ..fileio import existing_file, write_json_atomic
+from ..onnx_qdq import load_model
 
 FRAMEWORKS = {0: "Caffe", 3: "TensorFlow", 5: "ONNX", 6: "MindSpore"}
-MAX_MODEL_BYTES = 2 << 30
 
 
 def build_parser(prog="dopt omg") -> argparse.ArgumentParser:
@@ -50,18 +50,7 @@ def build_parser(prog="dopt omg") -> argparse.ArgumentParser:
 
 
 def _load_onnx(path: str):
-    p = existing_file(path, field="--model", max_bytes=MAX_MODEL_BYTES, what="model file")
-    try:
-        import onnx
-    except ImportError:
-        from ..errors import MissingExtraError
-        raise MissingExtraError("onnx", "onnx", "Compiling ONNX models") from None
-    try:
-        return onnx.load(str(p), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
-        raise DoptError(f"the model file is not a readable ONNX model ({e.__class__.__name__})",
-                        file=path, field="--model",
-                        hint="pass an .onnx file written by an ONNX exporter") from None
+    return load_model(path, field="--model", purpose="Compiling ONNX models")
 
 
 def _check_framework(a) -> None:

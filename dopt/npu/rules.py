@@ -47,6 +47,11 @@ def int8_skipped(cin: int, groups: int, profile: HardwareProfile) -> bool:
     return not depthwise and 0 < cin < profile.alignment["int8_min_cin"]
 
 
+def int8_skip_reason(cin: int, profile: HardwareProfile) -> str:
+    """Why a layer ``int8_skipped`` stays float, in the words adapters log."""
+    return f"Cin={cin} <= {profile.alignment['int8_min_cin'] - 1}: the NPU runs it in FP16"
+
+
 def int8_requested_but_too_narrow(n: IRNode, ctx: Context) -> bool:
     """INT8 asked for a convolution the NPU will run in FP16 (see ``int8_skipped``)."""
     return (n.name in ctx.int8_nodes and n.op in CONV_OPS

@@ -37,7 +37,7 @@ items are single samples anyway), so the memory columns compare like with like: 
 batches of 16, ORT MinMax and dopt need ~1.5 GB more on EfficientNet-Lite0. The parent runs
 every quantized model with ONNX Runtime (CPU, graph optimizations off, so the QDQ arithmetic
 is executed as written) on the evaluation set. Results: ``bench/results/ptq.json`` (merged per
-model, so a partial run keeps the other models' rows) and a Markdown table on stdout.
+method, so a partial run keeps the other rows; each row records its command) and a Markdown table on stdout.
 """
 from __future__ import annotations
 
@@ -554,7 +554,16 @@ def main_bench(args):
     res.setdefault("models", {})
     for n in names:
         t = time.perf_counter()
-        res["models"][n] = bench_model(n, methods, args)
+        new = bench_model(n, methods, args)
+        old = res["models"].get(n, {})
+        # a run of some methods replaces those rows only; the model's other rows stay, and
+        # each row keeps the command and time it came from
+        command = "python -m bench.bench_ptq " + " ".join(sys.argv[1:])
+        for r in new["methods"].values():
+            r.setdefault("run_at", time.strftime("%Y-%m-%d %H:%M:%S"))
+            r.setdefault("command", command)
+        new["methods"] = {**old.get("methods", {}), **new["methods"]}
+        res["models"][n] = new
         res["models"][n]["model_total_s"] = round(time.perf_counter() - t, 1)
         res["models"][n]["run_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
         res["meta"] = {"versions": versions(), "updated": time.strftime("%Y-%m-%d %H:%M:%S"),

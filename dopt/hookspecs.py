@@ -78,3 +78,13 @@ def dopt_quantize_file(adapter, job):
     Write the quantized model at ``job.output`` and the parameter file at
     ``job.compress_conf`` (both atomically); return ``{kind: path}`` of what was written.
     """
+
+
+@hookspec(firstresult=True)
+def dopt_convert_model(framework, model_path, input_shapes, out_nodes, params, params_file):
+    """Convert a model file of another framework to ONNX for ``dopt omg``.
+
+    Return ``(onnx.ModelProto, params)``: the converted graph with ``input_shapes`` and
+    ``out_nodes`` applied, and the parameter document ``params`` (or ``None``) re-keyed
+    onto the converted graph's node names. Return ``None`` for a framework not one's own.
+    """

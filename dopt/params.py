@@ -34,7 +34,11 @@ FORMAT = "dopt.quant_param"
 VERSION = 1
 MAX_FILE_BYTES = 256 << 20
 MIN_SCALE = 1e-12
-QUANT_OP_TYPES = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+# ONNX op types, plus the TensorFlow op types of records keyed by TF op names (frozen .pb);
+# `dopt omg --framework 3` re-keys those onto the converted ONNX graph.
+ONNX_OP_TYPES = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+TF_OP_TYPES = ("Conv2D", "DepthwiseConv2dNative", "MatMul")
+QUANT_OP_TYPES = tuple(dict.fromkeys(ONNX_OP_TYPES + TF_OP_TYPES))
 
 
 def read_params(path) -> dict:

@@ -245,7 +245,8 @@ class _Builder:
         s_d, o_d = np.float32(rec["input"]["scale"]), int(rec["input"]["offset"])
         s_w = (np.asarray(rec["weight"]["scales"], np.float32) * k).astype(np.float32)
         wq = nm.quantize_weight(w, s_w, axis=0)
-        has_bias = rec.get("bias") is not None or bool(common["fused"])
+        # the graph's bias counts whatever the record says: dropping it would change the layer
+        has_bias = rec.get("bias") is not None or bool(common["fused"]) or bool(np.any(b))
         ins = [f"{n.name}/x_q", self._new_tensor(f"{n.name}.weight_q", wq)]
         if has_bias:
             ins.append(self._new_tensor(f"{n.name}.bias_q", nm.quantize_bias(b, s_d, s_w)))

@@ -53,17 +53,34 @@ def _load_onnx(path: str):
     return load_model(path, field="--model", purpose="Compiling ONNX models")
 
 
+def _load_source(a, shapes, params):
+    """``(onnx model, params, shapes, out_nodes)`` for the compiler.
+
+    ONNX is read as is. Another framework's file goes through the adapter that converts
+    it (``dopt_convert_model``: TensorFlow via tf2onnx), which applies ``--input_shape`` and
+    ``--out_nodes`` itself and re-keys the parameter file onto the converted graph.
+    """
+    if a.framework == 5:
+        return _load_onnx(a.model), params, shapes, a.out_nodes
+    from ..plugin_manager import get_plugin_manager
+    converted = get_plugin_manager().hook.dopt_convert_model(
+        framework=a.framework, model_path=a.model, input_shapes=shapes, out_nodes=a.out_nodes,
+        params=params, params_file=a.compress_conf)
+    if converted is None:
+        raise DoptError(f"no installed dopt adapter converts {FRAMEWORKS[a.framework]} models",
+                        field="--framework", hint="pip install 'dopt[tf]'")
+    model, params = converted
+    return model, params, None, None
+
+
 def _check_framework(a) -> None:
     if a.framework is None:
         raise DoptError("--framework is required with --mode 0 or 3", field="--framework",
-                        expected="5 (ONNX)")
+                        expected="5 (ONNX) or 3 (TensorFlow)")
     if a.framework in (0, 6):
         raise DoptError(f"{FRAMEWORKS[a.framework]} models are not supported by dopt",
                         field="--framework", hint=f"convert the {FRAMEWORKS[a.framework]} model "
                         "to ONNX and pass --framework 5")
-    if a.framework == 3:
-        raise DoptError("TensorFlow input is not available in this version", field="--framework",
-                        hint="export the model to ONNX (e.g. with tf2onnx) and pass --framework 5")
 
 
 def run_precheck(a) -> int:
@@ -76,11 +93,11 @@ def run_precheck(a) -> int:
     _check_framework(a)
     if not a.model:
         raise DoptError("--model is required", field="--model")
-    model = _load_onnx(a.model)
     shapes = parse_input_shape(a.input_shape, source="--input_shape") if a.input_shape else None
+    doc = P.read_params(a.compress_conf) if a.compress_conf else None
+    model, doc, shapes, _ = _load_source(a, shapes, doc)
     int8 = set()
-    if a.compress_conf:
-        doc = P.read_params(a.compress_conf)
+    if doc is not None:
         check_params_against_model(doc, model, a.compress_conf)  # the same check as --mode 0
         int8 = set(doc["layers"])
     profile = load_profile(a.profile)
@@ -119,14 +136,14 @@ def run_compile(a) -> int:
         raise DoptError("only --target om is produced by the emulated compiler",
                         field="--target", expected="om", found=a.target)
     dest = _om_path(a.output)
-    model = _load_onnx(a.model)
     profile = load_profile(a.profile)
     shapes = parse_input_shape(a.input_shape, source="--input_shape", allow_dynamic=True) \
         if a.input_shape else None
     doc = P.read_params(a.compress_conf) if a.compress_conf else None
+    model, doc, shapes, out_nodes = _load_source(a, shapes, doc)
     op_map = parse_op_name_map(a.op_name_map, profile) if a.op_name_map else None
     om, report = compile_onnx(model, profile, params=doc, params_file=a.compress_conf,
-                              input_shapes=shapes, out_nodes=a.out_nodes,
+                              input_shapes=shapes, out_nodes=out_nodes,
                               weight_data_type=a.weight_data_type, op_name_map=op_map,
                               source=a.model)
     report["model"] = a.model
@@ -165,7 +182,7 @@ def run_dump(a) -> int:
     if a.model:
         _check_framework(a)
         from google.protobuf import json_format
-        model = _load_onnx(a.model)
+        model = _load_source(a, None, None)[0]
         write_json_atomic(a.json, json_format.MessageToDict(model))
         print(f"wrote {a.json}")
         return 0

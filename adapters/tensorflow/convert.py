@@ -50,6 +50,8 @@ def _tf():
     except ImportError:
         from dopt.errors import MissingExtraError
         raise MissingExtraError("tensorflow", "tf", "TensorFlow models") from None
+    # tf2onnx calls TF1 graph utilities that log deprecation notices on every run
+    tf.get_logger().setLevel("ERROR")
     return tf
 
 
@@ -102,7 +104,10 @@ def frozen_from_keras(model, batch=None, source=None) -> FrozenGraph:
     for i, t in enumerate(model.inputs):
         shape = list(t.shape)
         shape[0] = batch
-        name = getattr(t, "name", None) or f"input_{i}"
+        # the InputLayer's name (stable across save/load; a fresh tensor is 'keras_tensor_N')
+        hist = getattr(t, "_keras_history", None)
+        name = (getattr(hist[0], "name", None) if hist else None) or getattr(t, "name", None) \
+            or f"input_{i}"
         specs.append(tf.TensorSpec(shape, tf.float32, name=op_name(name)))
     if len(specs) == 1:
         fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(specs[0])
@@ -278,6 +283,17 @@ def _name_inputs(model, fr: FrozenGraph) -> None:
                 d.dim_value = int(v)
 
 
+def fold_constants(frozen: FrozenGraph):
+    """The graph pruned to its outputs and constant-folded by grappler (as tf2onnx does
+    before converting); op names of the ops that stay are kept."""
+    tf = _tf()
+    from tf2onnx import tf_loader
+    with warnings.catch_warnings(), tf.Graph().as_default():
+        warnings.simplefilter("ignore")
+        return tf_loader.tf_optimize(list(frozen.inputs), list(frozen.outputs),
+                                     frozen.graph_def)
+
+
 def keras_to_onnx(model, batch=None):
     frozen = frozen_from_keras(model, batch=batch)
     return to_onnx(frozen), frozen
@@ -305,22 +321,46 @@ def _fusable_chain(node, consumers) -> list[str]:
 
 def onnx_node_map(graph_def, onnx_model) -> dict[str, str]:
     """``{TF op name: ONNX node name}`` for every Conv2D / DepthwiseConv2dNative / MatMul
-    op that became a quantizable ONNX node."""
+    op that became a quantizable ONNX node.
+
+    By name first (the op's, or a fused consumer's: tf2onnx names a fused node after one
+    of them); a node tf2onnx renamed outright (``Conv__25``) by its neighbours: it reads the
+    op's input tensor (tensor names survive conversion) and feeds the ONNX node named
+    after the fused chain's consumer.
+    """
     onodes = [n for n in onnx_model.graph.node if n.op_type in ONNX_QUANT_OPS]
     by_name = {n.name: n for n in onodes}
     by_output = {o: n for n in onodes for o in n.output}
+    all_onnx = {n.name: n for n in onnx_model.graph.node}
     consumers = _consumers(graph_def)
     out: dict[str, str] = {}
     taken: set[str] = set()
+    pending = []
     for node in graph_def.node:
         if node.op not in QUANT_TF_OPS:
             continue
-        for name in _fusable_chain(node, consumers):
+        chain = _fusable_chain(node, consumers)
+        for name in chain:
             hit = by_name.get(name) or by_output.get(name + ":0")
             if hit is not None and hit.name not in taken:
                 out[node.name] = hit.name
                 taken.add(hit.name)
                 break
+        else:
+            pending.append((node, chain))
+    for node, chain in pending:
+        src = tensor_name(node.input[0])
+        cands = [n for n in onodes if n.name not in taken and n.input and n.input[0] == src]
+        if len(cands) > 1:
+            down = set()
+            for c in consumers.get(chain[-1], []):
+                on = all_onnx.get(c.name)
+                if on is not None:
+                    down |= {by_output[i].name for i in on.input if i in by_output}
+            cands = [n for n in cands if n.name in down]
+        if len(cands) == 1:
+            out[node.name] = cands[0].name
+            taken.add(cands[0].name)
     return out
 
 

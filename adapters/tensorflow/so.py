@@ -118,8 +118,10 @@ def _carry_bias_correction(gd, onnx_before, onnx_after, tf_map, log):
     if done:
         log(f"bias correction carried into the .pb for {done} layer(s)")
     if lost:
-        log(f"bias correction not carried for {', '.join(lost)} (no per-channel bias constant "
-            f"after the op in the graph); those layers keep their original bias")
+        shown = ", ".join(lost[:4]) + (f" and {len(lost) - 4} more" if len(lost) > 4 else "")
+        log(f"bias correction not carried for {len(lost)} layer(s) ({shown}): the graph has no "
+            f"per-channel bias constant after them (e.g. a zero bias folded away); they keep "
+            f"their original bias")
 
 
 def _pruned_graph_def(frozen: convert.FrozenGraph):
@@ -137,6 +139,9 @@ def quantize_job(job) -> dict:
                              "ONNX and use --framework 5")
     frozen = convert.load_frozen(job.model, field_name="--model")
     fr = convert.select_io(frozen, job.input_shapes, job.out_nodes)
+    # the .pb we write is the constant-folded inference graph: BatchNorm arithmetic becomes
+    # per-channel constants, where the bias correction can be written
+    fr = dataclasses.replace(fr, graph_def=convert.fold_constants(fr))
     onnx_model = convert.to_onnx(fr)
     import onnx
 

@@ -19,11 +19,17 @@ QMIN, QMAX = float(nm.ACT_QMIN), float(nm.ACT_QMAX)
 LEVELS = float(nm.ACT_LEVELS)
 
 
+def _divisor(v: float):
+    """A constant grappler cannot see: it would turn ``x / c`` into ``x * (1/c)``, which is
+    one float32 ulp off the core's division for most scales (in graphs and tf.function)."""
+    return tf.raw_ops.PlaceholderWithDefault(input=tf.constant(v, tf.float32), shape=[])
+
+
 def activation_qparams(lo, hi):
     """``(scale, offset)`` as float32 tensors: the core's ``activation_qparams`` in tf ops."""
     lo = tf.minimum(tf.cast(lo, tf.float32), 0.0)
     hi = tf.maximum(tf.cast(hi, tf.float32), 0.0)
-    scale = tf.maximum((hi - lo) / LEVELS, np.float32(nm.MIN_SCALE))
+    scale = tf.maximum((hi - lo) / _divisor(LEVELS), np.float32(nm.MIN_SCALE))
     offset = tf.clip_by_value(tf.round(QMIN - lo / scale), QMIN, QMAX)
     return scale, offset
 
@@ -79,7 +85,7 @@ def weight_scales(w, depthwise: bool = False):
     wc = _channels_last(w, depthwise)
     axes = list(range(len(wc.shape) - 1))
     amax = tf.reduce_max(tf.abs(wc), axis=axes)
-    return tf.where(amax >= np.float32(nm.W_ZERO_AMAX), amax / float(nm.W_QMAX),
+    return tf.where(amax >= np.float32(nm.W_ZERO_AMAX), amax / _divisor(float(nm.W_QMAX)),
                     tf.ones_like(amax))
 
 

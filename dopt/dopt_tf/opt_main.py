@@ -21,8 +21,8 @@ def generate_config_file(sess_or_model, dst_path="./config_gen.json", input_shap
 
 
 def optimize_model(sess_or_model, config_file, is_train_flag=None, quant_flag=None):
-    """TF1: rewrites the session's default graph (returns None, as the reference).
-    Keras: returns the quantized model (build the optimizer on it)."""
+    """TF1: rewrites the session's graph in place (and returns it; the reference returns
+    nothing). Keras: returns the quantized model (build the optimizer on it)."""
     return call("optimize_model", sess_or_model, want=WANT, config_path=config_file,
                 options={"is_train_flag": is_train_flag, "quant_flag": quant_flag})
 

@@ -24,6 +24,7 @@ import dopt
 from dopt import onnx_qdq, params as P
 from dopt.config import INT8, check_against_model, load_config
 from dopt.errors import DoptError
+from dopt.export_checks import check_float, check_quantized
 from dopt.fileio import staged_outputs
 
 from . import convert, keras_api as KA, keras_layers as KL
@@ -33,11 +34,6 @@ FUSED_NAME = "model_fused.onnx"
 QDQ_NAME = "model_qdq.onnx"
 PARAM_NAME = "quant_param.json"
 CHECK_SAMPLES = 16
-# as adapters/torch/export.py: QDQ vs fake-quant max|diff| <= QDQ_RTOL * max|ref| + QDQ_ATOL
-# and mean|diff| <= QDQ_MEAN_RTOL * mean|ref| + QDQ_ATOL (a rounding tie resolved differently
-# after float re-association moves one activation by one step; a wrong scale shows everywhere)
-QDQ_RTOL, QDQ_MEAN_RTOL, QDQ_ATOL = 2e-2, 2.5e-3, 1e-4
-FUSE_RTOL, FUSE_ATOL = 1e-4, 1e-5
 
 
 # -- the quantized model to export ---------------------------------------------------------
@@ -330,19 +326,6 @@ def _rename(onnx_model, placed: dict[str, str]) -> dict[str, str]:
 
 
 # -- checks ---------------------------------------------------------------------------
-def _compare(ref, got, rtol, atol, mean_rtol=None) -> float:
-    """Worst ratio of error to tolerance over the outputs (> 1 fails)."""
-    worst = 0.0
-    for r, g in zip(ref, got):
-        if r.shape != g.shape:
-            return float("inf")
-        d = np.abs(r - g)
-        worst = max(worst, float(d.max()) / (rtol * float(np.abs(r).max()) + atol))
-        if mean_rtol is not None:
-            worst = max(worst, float(d.mean()) / (mean_rtol * float(np.abs(r).mean()) + atol))
-    return worst
-
-
 def _run_keras(model, sample: list) -> list[np.ndarray]:
     out = model(sample if len(sample) > 1 else sample[0], training=False)
     return [np.asarray(o) for o in tf.nest.flatten(out)]
@@ -394,22 +377,13 @@ def generate_final_model(model, config_file, weights_file=None, output_dir="./")
     P.validate_params(doc, file=PARAM_NAME, graph=graph, expected_layers=list(doc["layers"]))
     qdq = onnx_qdq.build_qdq(fused_onnx, doc)
 
-    err = _compare(ref_float, got_keras, FUSE_RTOL, FUSE_ATOL)
+    check_float(ref_float, got_keras, "the fused float Keras model")
     feeds = dict(zip([i.name for i in fused_onnx.graph.input
                       if i.name not in {x.name for x in fused_onnx.graph.initializer}], sample))
     got_float = onnx_qdq.ort_session(fused_onnx.SerializeToString()).run(None, feeds)
-    err = max(err, _compare(ref_float, got_float, FUSE_RTOL, FUSE_ATOL))
-    if err > 1:
-        raise DoptError("the exported float model does not reproduce the trained network "
-                        f"(error {err:.2f}x the tolerance)", hint="report this as a bug in dopt "
-                        "with the model definition")
+    check_float(ref_float, got_float, "the exported float ONNX model")
     got_q = onnx_qdq.ort_session(qdq.SerializeToString()).run(None, feeds)
-    err = _compare(ref_q, got_q, QDQ_RTOL, QDQ_ATOL, QDQ_MEAN_RTOL)
-    if err > 1:
-        raise DoptError("the QDQ ONNX model does not reproduce the fake-quant model on ONNX "
-                        f"Runtime (error {err:.2f}x the tolerance: max {QDQ_RTOL}, mean "
-                        f"{QDQ_MEAN_RTOL} relative)",
-                        hint="report this as a bug in dopt with the model definition")
+    check_quantized(ref_q, got_q, "the QDQ ONNX model on ONNX Runtime")
 
     with staged_outputs(output_dir) as stage:
         fused.save(str(stage / FUSED_KERAS))

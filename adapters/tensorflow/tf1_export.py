@@ -30,6 +30,7 @@ import dopt
 from dopt import numerics as nm, params as P
 from dopt.config import INT8, load_config
 from dopt.errors import DoptError
+from dopt.export_checks import check_float, check_quantized
 from dopt.fileio import staged_outputs
 
 from . import tf1_api as api
@@ -39,11 +40,6 @@ v1 = tf.compat.v1
 PB_NAME = "quant_model.pb"
 PARAM_NAME = "quant_param.json"
 CHECK_SAMPLES = 8
-FUSE_RTOL, FUSE_ATOL = 1e-4, 1e-5
-# fake-quant graph vs frozen graph + parameter file through the core numerics: the same
-# arithmetic, so normally identical; a rounding tie resolved differently after a different
-# float summation order moves one activation by one step (the tolerance of the torch export)
-Q_RTOL, Q_MEAN_RTOL, Q_ATOL = 2e-2, 2.5e-3, 1e-4
 _VAR_OPS = ("VarHandleOp", "VariableV2", "Variable")
 
 
@@ -299,21 +295,6 @@ def _reevaluate(frozen, doc, layers, sites, feeds, outputs):
         return sess.run([f"{o}:0" for o in outputs], {f"{k}:0": v for k, v in feeds.items()})
 
 
-def _compare(ref, got, rtol, atol, mean_rtol=None) -> float:
-    """Worst ratio of error to tolerance over the outputs (> 1 fails)."""
-    worst = 0.0
-    for r, q in zip(ref, got):
-        r, q = np.asarray(r, np.float64), np.asarray(q, np.float64)
-        if r.shape != q.shape:
-            return float("inf")
-        d = np.abs(r - q)
-        worst = max(worst, float(d.max(initial=0.0)) /
-                    (rtol * float(np.abs(r).max(initial=0.0)) + atol))
-        if mean_rtol is not None and d.size:
-            worst = max(worst, float(d.mean()) / (mean_rtol * float(np.abs(r).mean()) + atol))
-    return worst
-
-
 def generate_final_model(sess, config_file, output_name_list, ckpt_file, output_dir=None):
     """Frozen float ``.pb`` (BN folded) + parameter file from the quantized checkpoint."""
     g = api._check_sess(sess, "generate_final_model")
@@ -406,17 +387,10 @@ def generate_final_model(sess, config_file, output_name_list, ckpt_file, output_
     # is_train_flag true: the quantized path without the NPU's FP16 edges (the file's
     # numerics alone; the compiler adds the FP16 data types itself)
     ref_quant = sess.run(out_t, {**base, qf: 1, it: True})
-    err = _compare(ref_float, _run_def(frozen, feeds, outputs), FUSE_RTOL, FUSE_ATOL)
-    if err > 1:
-        raise DoptError("the frozen graph does not reproduce the float path of the quantized "
-                        f"graph (error {err:.2f}x the tolerance)",
-                        hint="report this as a bug in dopt with the model-building code")
-    err = _compare(ref_quant, _reevaluate(frozen, doc, st.all_layers, sites, feeds, outputs),
-                   Q_RTOL, Q_ATOL, Q_MEAN_RTOL)
-    if err > 1:
-        raise DoptError("the frozen graph with the parameter file does not reproduce the "
-                        f"quantized path (error {err:.2f}x the tolerance)",
-                        hint="report this as a bug in dopt with the model-building code")
+    check_float(ref_float, _run_def(frozen, feeds, outputs),
+                "the frozen graph (float path of the quantized graph)")
+    check_quantized(ref_quant, _reevaluate(frozen, doc, st.all_layers, sites, feeds, outputs),
+                    "the frozen graph with the parameter file")
 
     with staged_outputs(out_dir) as stage:
         (stage / PB_NAME).write_bytes(frozen.SerializeToString())

@@ -63,7 +63,8 @@ def run_model(name: str, work: Path) -> dict:
     write_bin610(work / "calib.bin", np.random.default_rng(0).uniform(
         -1, 1, (16, size, size, 3)).astype(np.float32))
     (work / "calib.prototxt").write_text(CONF)
-    shape = f"input_layer:1,{size},{size},3"
+    # the InputLayer's name: 'input_layer' in a fresh process, numbered after that
+    shape = f"{m.inputs[0]._keras_history[0].name}:1,{size},{size},3"
     py = [sys.executable, "-W", "ignore"]
     r = {"model": name, "params": int(m.count_params()), "input": shape}
     fp16 = _run(py + ["-m", "dopt", "omg", "--framework", "3", "--model", f"{name}.keras",

@@ -297,3 +297,23 @@ def test_tf_no_training_demo(tmp_path):
     assert res["float_top1"] > 80
     assert res["npu_int8_top1"] >= res["float_top1"] - 1.0
     assert res["npu_vs_qdq_agreement"] >= 99.0
+
+
+def test_fixed_batch_model_fed_another_batch_is_a_clear_error(tmp_path):
+    """tf2onnx bakes a fixed batch into its NHWC->NCHW Reshape: the runtime says so."""
+    from dopt import runtime
+    from dopt.errors import DoptError
+    tf1 = tf.compat.v1
+    g = tf.Graph()
+    with g.as_default():
+        x = tf1.placeholder(tf.float32, [1, 8, 8, 1], name="input")
+        w = tf.constant(np.ones((3, 3, 1, 16), np.float32), name="w")
+        tf.identity(tf.nn.conv2d(x, w, 1, "SAME"), name="output")
+    (tmp_path / "b1.pb").write_bytes(g.as_graph_def().SerializeToString())
+    r = dopt("omg", "--framework", "3", "--model", str(tmp_path / "b1.pb"), "--out_nodes",
+             "output:0", "--output", str(tmp_path / "b1"))
+    assert r.returncode == 0, r.stderr
+    s = runtime.load(str(tmp_path / "b1.om"))
+    assert s.run(np.ones((1, 8, 8, 1), np.float32))
+    with pytest.raises(DoptError, match="batch"):
+        s.run(np.ones((4, 8, 8, 1), np.float32))

@@ -423,5 +423,13 @@ class FastEngine:
         self.names = [o.name for o in self.sess.get_outputs()]
 
     def run(self, feeds: dict) -> dict:
-        outs = self.sess.run(None, feeds)
+        try:
+            outs = self.sess.run(None, feeds)
+        except Exception as e:  # noqa: BLE001 - a shape the compiled graph fixed, typically
+            shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
+            msg = str(e).split("Status Message:")[-1].strip().splitlines()[0][:300]
+            raise DoptError(f"the compiled model cannot run these inputs ({shapes}): {msg}",
+                            hint="a model compiled from a graph with a fixed batch size runs "
+                                 "only that batch: feed it in batches of that size, or compile "
+                                 "from a graph whose batch dimension is free") from None
         return dict(zip(self.names, outs))

@@ -36,15 +36,18 @@ preprocess_parameter:
 
 
 def _run(cmd, cwd) -> dict:
-    """Run a command; wall time and its peak RSS (GNU time's %M, KiB)."""
+    """Run a command; wall time and its peak RSS (GNU time's %M, when GNU time exists)."""
+    gnu_time = Path("/usr/bin/time").is_file()
     t = time.perf_counter()
-    r = subprocess.run(["/usr/bin/time", "-f", "%M"] + cmd, cwd=cwd, capture_output=True,
-                       text=True)
+    r = subprocess.run((["/usr/bin/time", "-f", "%M"] if gnu_time else []) + cmd, cwd=cwd,
+                       capture_output=True, text=True)
     wall = time.perf_counter() - t
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
-    peak_kib = int(r.stderr.strip().splitlines()[-1])
-    return {"wall_s": round(wall, 1), "peak_rss_mib": round(peak_kib / 1024), "stdout": r.stdout}
+    peak = None
+    if gnu_time:
+        peak = round(int(r.stderr.strip().splitlines()[-1]) / 1024)
+    return {"wall_s": round(wall, 1), "peak_rss_mib": peak, "stdout": r.stdout}
 
 
 def _report(path: Path) -> dict:

@@ -317,3 +317,25 @@ def test_fixed_batch_model_fed_another_batch_is_a_clear_error(tmp_path):
     assert s.run(np.ones((1, 8, 8, 1), np.float32))
     with pytest.raises(DoptError, match="batch"):
         s.run(np.ones((4, 8, 8, 1), np.float32))
+
+
+def test_keras_application_mobilenetv2_fp16_and_int8(tmp_path):
+    """keras.applications.MobileNetV2 (weights=None): FP16 from .keras, INT8 from a
+    calibration-only parameter file, no CPU fallback, reports written."""
+    from bench import bench_keras_applications as b
+    b.SIZES["MobileNetV2"] = 96  # the architecture at a smaller input, to keep CI fast
+    try:
+        r = b.run_model("MobileNetV2", tmp_path)
+    finally:
+        b.SIZES["MobileNetV2"] = 224
+    assert r["int8_layers"] >= 40
+    for key in ("fp16", "int8"):
+        assert r[key]["summary"]["cpu"] == len(r[key]["cpu_fallbacks"]) == 0
+        assert r[key]["summary"]["npu"] > 50
+    assert r["int8"]["om_mb"] < 0.6 * r["fp16"]["om_mb"]
+
+
+@pytest.mark.slow
+def test_keras_applications_all_compile():
+    from bench import bench_keras_applications as b
+    assert b.main([]) == 0

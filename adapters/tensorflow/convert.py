@@ -299,7 +299,7 @@ def keras_to_onnx(model, batch=None):
     return to_onnx(frozen), frozen
 
 
-def _consumers(gd) -> dict[str, list]:
+def consumers(gd) -> dict[str, list]:
     out: dict[str, list] = {}
     for n in gd.node:
         for i in n.input:
@@ -307,11 +307,11 @@ def _consumers(gd) -> dict[str, list]:
     return out
 
 
-def _fusable_chain(node, consumers) -> list[str]:
+def fusable_chain(node, consumers_of) -> list[str]:
     chain = [node.name]
     cur = node
     for _ in range(8):
-        nxt = [c for c in consumers.get(cur.name, []) if c.op != "NoOp"]
+        nxt = [c for c in consumers_of.get(cur.name, []) if c.op != "NoOp"]
         if len(nxt) != 1 or nxt[0].op not in FUSABLE:
             break
         cur = nxt[0]
@@ -332,14 +332,14 @@ def onnx_node_map(graph_def, onnx_model) -> dict[str, str]:
     by_name = {n.name: n for n in onodes}
     by_output = {o: n for n in onodes for o in n.output}
     all_onnx = {n.name: n for n in onnx_model.graph.node}
-    consumers = _consumers(graph_def)
+    cons = consumers(graph_def)
     out: dict[str, str] = {}
     taken: set[str] = set()
     pending = []
     for node in graph_def.node:
         if node.op not in QUANT_TF_OPS:
             continue
-        chain = _fusable_chain(node, consumers)
+        chain = fusable_chain(node, cons)
         for name in chain:
             hit = by_name.get(name) or by_output.get(name + ":0")
             if hit is not None and hit.name not in taken:
@@ -353,7 +353,7 @@ def onnx_node_map(graph_def, onnx_model) -> dict[str, str]:
         cands = [n for n in onodes if n.name not in taken and n.input and n.input[0] == src]
         if len(cands) > 1:
             down = set()
-            for c in consumers.get(chain[-1], []):
+            for c in cons.get(chain[-1], []):
                 on = all_onnx.get(c.name)
                 if on is not None:
                     down |= {by_output[i].name for i in on.input if i in by_output}
@@ -417,7 +417,8 @@ def keras_layer_ops(model, graph_def) -> dict[str, list[str]]:
         free.pop(cands[0])
         return cands[0]
 
-    for layer in _walk_layers(model):
+    from .keras_layers import walk_layers
+    for layer in walk_layers(model):
         cls = type(layer).__name__
         if cls == "Conv2D":
             result[layer.name] = [find(layer.name, layer.kernel.numpy(), "Conv2D")]
@@ -430,15 +431,6 @@ def keras_layer_ops(model, graph_def) -> dict[str, list[str]]:
                 find(layer.name, layer.depthwise_kernel.numpy(), "DepthwiseConv2dNative"),
                 find(layer.name, layer.pointwise_kernel.numpy(), "Conv2D")]
     return result
-
-
-def _walk_layers(model):
-    for layer in model.layers:
-        if hasattr(layer, "layers") and type(layer).__name__ in ("Functional", "Sequential",
-                                                                 "Model"):
-            yield from _walk_layers(layer)
-        else:
-            yield layer
 
 
 def remap_params(doc: dict, frozen: FrozenGraph, onnx_model, *, file: str | None) -> dict:

@@ -11,7 +11,6 @@ speak the user's names.
 """
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -367,9 +366,7 @@ def generate_final_model(model, config_file, weights_file=None, output_dir="./")
         ref_q = _run_keras(qmodel, sample)
         fused = _fused_model(qmodel)
         got_keras = _run_keras(fused, sample)
-        # placeholder dims come from the graph itself (the batch stays free)
-        frozen = dataclasses.replace(convert.frozen_from_keras(fused), shapes={})
-        fused_onnx = convert.to_onnx(frozen)
+        fused_onnx, frozen = convert.keras_to_onnx(fused)  # the batch stays free
         _matmul_add_to_gemm(fused_onnx)
         placed = _rename(fused_onnx, _locate(qmodel, fused, frozen, fused_onnx))
         doc = _params(qmodel, cfg, fused_onnx, placed)

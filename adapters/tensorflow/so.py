@@ -69,7 +69,7 @@ def _additive_const(gd, op: str):
     """The Const node adding a per-channel term after op's last multiplicative step, or None
     (also None when that constant feeds anything else: changing it would change more)."""
     nodes = {n.name: n for n in gd.node}
-    consumers = convert._consumers(gd)
+    consumers = convert.consumers(gd)
 
     def const_of(tensor):
         n = nodes.get(convert.op_name(tensor))
@@ -84,7 +84,7 @@ def _additive_const(gd, op: str):
         return None
 
     found = None
-    for name in convert._fusable_chain(nodes[op], consumers)[1:]:
+    for name in convert.fusable_chain(nodes[op], consumers)[1:]:
         n = nodes[name]
         if n.op in ("BiasAdd", "Add", "AddV2"):
             found = next((c for c in map(const_of, n.input) if c is not None), None)

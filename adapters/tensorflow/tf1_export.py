@@ -34,6 +34,7 @@ from dopt.export_checks import check_float, check_quantized
 from dopt.fileio import staged_outputs
 
 from . import tf1_api as api
+from .convert import op_name, tensor_name
 
 v1 = tf.compat.v1
 
@@ -41,15 +42,6 @@ PB_NAME = "quant_model.pb"
 PARAM_NAME = "quant_param.json"
 CHECK_SAMPLES = 8
 _VAR_OPS = ("VarHandleOp", "VariableV2", "Variable")
-
-
-def _node_name(name: str) -> str:
-    name = name.lstrip("^")
-    return name.split(":")[0] if ":" in name and name.rsplit(":", 1)[1].isdigit() else name
-
-
-def _tensor_name(name: str) -> str:
-    return name if ":" in name and name.rsplit(":", 1)[1].isdigit() else f"{name}:0"
 
 
 def _prune(graph_def, outputs):
@@ -61,7 +53,7 @@ def _prune(graph_def, outputs):
         if n in keep or n not in by:
             continue
         keep.add(n)
-        todo += [_node_name(i) for i in by[n].input]
+        todo += [op_name(i) for i in by[n].input]
     out = v1.GraphDef()
     out.versions.CopyFrom(graph_def.versions)
     out.library.CopyFrom(graph_def.library)
@@ -77,7 +69,7 @@ def _output_names(graph_def, output_name_list) -> list[str]:
         raise DoptError("output_name_list must be a non-empty list of node names",
                         field="output_name_list", found=repr(output_name_list),
                         hint='e.g. output_name_list=["output"]')
-    names = [_node_name(n) for n in output_name_list]
+    names = [op_name(n) for n in output_name_list]
     have = {n.name for n in graph_def.node}
     for n in names:
         if n not in have:
@@ -112,7 +104,7 @@ def _checkpoint(ckpt_file) -> tuple[str, set]:
 
 def _inputs(graph_def, cfg) -> dict[str, tuple[int, ...]]:
     """Placeholders the outputs depend on, with a concrete shape for the checks."""
-    given = {_node_name(k): v for k, v in cfg.input_shapes.items()} if cfg.input_shape else {}
+    given = {op_name(k): v for k, v in cfg.input_shapes.items()} if cfg.input_shape else {}
     out = {}
     for n in graph_def.node:
         if n.op not in ("Placeholder",):
@@ -244,9 +236,9 @@ def _fold_into(frozen, layer, w, b, data_format) -> tuple[str, int] | None:
 
 def _out_channels(nodes, node, layer) -> int:
     """Output channels of a quantizable node from its (frozen) weight Const."""
-    src = nodes[_node_name(node.input[1])]
+    src = nodes[op_name(node.input[1])]
     while src.op == "Identity":
-        src = nodes[_node_name(src.input[0])]
+        src = nodes[op_name(src.input[0])]
     dims = [d.size for d in src.attr["value"].tensor.tensor_shape.dim]
     if layer.depthwise:
         return dims[-1] * dims[-2]
@@ -279,14 +271,14 @@ def _reevaluate(frozen, doc, layers, sites, feeds, outputs):
                                    tf.float32, stateful=False)
             xq.set_shape(x.shape)
             op._update_input(0, xq)
-            w = consts[_node_name(rec["weight"]["tensor"])]
+            w = consts[op_name(rec["weight"]["tensor"])]
             w2 = w.reshape(w.shape[:-2] + (-1,)) if layer.depthwise else w
             scales = np.asarray(rec["weight"]["scales"], np.float32)
             axis = w2.ndim - 1
             op._update_input(1, tf.constant(nm.fake_quant_weight(w2, scales, axis=axis)
                                             .reshape(w.shape)))
             if rec["bias"] is not None:
-                b = consts[_node_name(rec["bias"]["tensor"])]
+                b = consts[op_name(rec["bias"]["tensor"])]
                 bq = (nm.quantize_bias(b, s, scales).astype(np.float32)
                       * nm.bias_scales(s, scales)).astype(np.float32)
                 bop, idx = sites[name]
@@ -365,7 +357,7 @@ def generate_final_model(sess, config_file, output_name_list, ckpt_file, output_
         layer = ls.layer
         doc["layers"][name] = {
             "op_type": layer.op_type, "strategy": INT8, "source_layer": name,
-            "input": {"tensor": _tensor_name(nodes[name].input[0]), "bits": 8,
+            "input": {"tensor": tensor_name(nodes[name].input[0]), "bits": 8,
                       "scale": float(v["scale"]), "offset": int(v["offset"]),
                       "range": [float(v["lo"]), float(v["hi"])], "algorithm": ls.algorithm},
             "weight": {"tensor": f"{name}/weight:0", "bits": 8, "per_channel": True,

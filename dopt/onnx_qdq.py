@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import numerics as nm
+from .params import ONNX_OP_TYPES
 from .errors import DoptError, MissingExtraError
 
 QDQ_MIN_OPSET = 13
@@ -74,7 +75,7 @@ def graph_layers(model) -> dict[str, dict]:
     inits = {i.name: i for i in model.graph.initializer}
     out = {}
     for n in model.graph.node:
-        if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose") and len(n.input) > 1 \
+        if n.op_type in ONNX_OP_TYPES and len(n.input) > 1 \
                 and n.input[1] in inits:
             dims = list(inits[n.input[1]].dims)
             ax = weight_axis(n)

@@ -18,17 +18,16 @@ from pathlib import Path
 import numpy as np
 
 from dopt.errors import DoptError
+from dopt.params import ONNX_OP_TYPES, TF_OP_TYPES
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 OPSET = 17
 MAX_PB_BYTES = (2 << 30) - 1  # protobuf's own limit for one message
-QUANT_TF_OPS = ("Conv2D", "DepthwiseConv2dNative", "MatMul")
 # ops tf2onnx may fold into the preceding convolution / matmul (the fused node takes a name
 # from this chain)
 FUSABLE = ("BiasAdd", "Add", "AddV2", "Mul", "Sub", "FusedBatchNorm", "FusedBatchNormV3",
            "Identity")
-ONNX_QUANT_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 SKIP_SINKS = ("Const", "NoOp", "Assert", "SaveV2", "RestoreV2", "VarHandleOp", "VariableV2",
               "Placeholder")
 
@@ -328,7 +327,7 @@ def onnx_node_map(graph_def, onnx_model) -> dict[str, str]:
     op's input tensor (tensor names survive conversion) and feeds the ONNX node named
     after the fused chain's consumer.
     """
-    onodes = [n for n in onnx_model.graph.node if n.op_type in ONNX_QUANT_OPS]
+    onodes = [n for n in onnx_model.graph.node if n.op_type in ONNX_OP_TYPES]
     by_name = {n.name: n for n in onodes}
     by_output = {o: n for n in onodes for o in n.output}
     all_onnx = {n.name: n for n in onnx_model.graph.node}
@@ -337,7 +336,7 @@ def onnx_node_map(graph_def, onnx_model) -> dict[str, str]:
     taken: set[str] = set()
     pending = []
     for node in graph_def.node:
-        if node.op not in QUANT_TF_OPS:
+        if node.op not in TF_OP_TYPES:
             continue
         chain = fusable_chain(node, cons)
         for name in chain:
@@ -386,7 +385,7 @@ def quant_ops(graph_def) -> dict[str, dict]:
     constant weight (the second input)."""
     out = {}
     for n in graph_def.node:
-        if n.op in QUANT_TF_OPS and len(n.input) > 1:
+        if n.op in TF_OP_TYPES and len(n.input) > 1:
             v = const_value(graph_def, n.input[1])
             if v is not None:
                 out[n.name] = {"op_type": n.op, "input": tensor_name(n.input[0]),

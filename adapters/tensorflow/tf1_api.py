@@ -52,13 +52,14 @@ import tensorflow as tf
 from dopt import plugin_manager
 from dopt.config import FLOAT, INT8, check_against_model, load_config, write_config
 from dopt.errors import DoptError
+from dopt.params import TF_OP_TYPES
 
 from . import fake_quant as fq
 
 v1 = tf.compat.v1
 log = logging.getLogger("dopt.tensorflow")
 
-QUANT_OP_TYPES = ("Conv2D", "DepthwiseConv2dNative", "MatMul")
+QUANT_OP_TYPES = TF_OP_TYPES  # the parameter file's TF op types
 STRATEGIES = {t: (FLOAT, INT8) for t in QUANT_OP_TYPES}
 FBN_TYPES = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
 BIAS_TYPES = ("BiasAdd", "Add", "AddV2")

@@ -12,10 +12,18 @@ from dopt import runtime
 from dopt.onnx_qdq import ort_session
 
 
-def _onnx_top1(path, x, batch=1000):
+def onnx_top1(path, x, input_name="input", batch=1000):
     s = ort_session(str(path))
-    return np.concatenate([s.run(None, {"input": x[i:i + batch]})[0].argmax(1)
+    return np.concatenate([s.run(None, {input_name: x[i:i + batch]})[0].argmax(1)
                            for i in range(0, len(x), batch)])
+
+
+def report(fl, qd, npu, y) -> dict:
+    """Top-1 (%) of float, QDQ and NPU predictions, and NPU-vs-QDQ agreement."""
+    def pct(a, b):
+        return round(float((a == b).mean() * 100), 2)
+    return {"float_top1": pct(fl, y), "qdq_top1": pct(qd, y), "npu_int8_top1": pct(npu, y),
+            "npu_vs_qdq_agreement": pct(npu, qd)}
 
 
 def main(argv=None) -> int:
@@ -25,14 +33,10 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     d = Path(a.dir)
     x, y = np.load(d / "test.npy"), np.load(d / "labels.npy")
-    fl = _onnx_top1(d / "m.onnx", x)
-    qd = _onnx_top1(d / "m_quant.onnx", x)
+    fl = onnx_top1(d / "m.onnx", x)
+    qd = onnx_top1(d / "m_quant.onnx", x)
     npu = runtime.load(str(d / a.om)).predict(x).argmax(1)
-    res = {"float_top1": round(float((fl == y).mean() * 100), 2),
-           "qdq_top1": round(float((qd == y).mean() * 100), 2),
-           "npu_int8_top1": round(float((npu == y).mean() * 100), 2),
-           "npu_vs_qdq_agreement": round(float((npu == qd).mean() * 100), 2)}
-    print(json.dumps(res))
+    print(json.dumps(report(fl, qd, npu, y)))
     return 0
 
 

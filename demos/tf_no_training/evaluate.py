@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from dopt import runtime
-from dopt.onnx_qdq import ort_session
+from demos.no_training.evaluate import onnx_top1, report
 
 
 def _tf_top1(pb: Path, x, batch=1000):
@@ -33,15 +33,9 @@ def main(argv=None) -> int:
     d = Path(a.dir)
     x, y = np.load(d / "test.npy"), np.load(d / "labels.npy")
     fl = _tf_top1(d / a.pb, x)
-    s = ort_session(str(d / "mnist_quant_qdq.onnx"))
-    qd = np.concatenate([s.run(None, {"input:0": x[i:i + 1000]})[0].argmax(1)
-                         for i in range(0, len(x), 1000)])
+    qd = onnx_top1(d / "mnist_quant_qdq.onnx", x, "input:0")
     npu = runtime.load(str(d / a.om)).predict(x).argmax(1)
-    res = {"float_top1": round(float((fl == y).mean() * 100), 2),
-           "qdq_top1": round(float((qd == y).mean() * 100), 2),
-           "npu_int8_top1": round(float((npu == y).mean() * 100), 2),
-           "npu_vs_qdq_agreement": round(float((npu == qd).mean() * 100), 2)}
-    print(json.dumps(res))
+    print(json.dumps(report(fl, qd, npu, y)))
     return 0
 
 

@@ -51,3 +51,22 @@ def test_keras_demo_full(tmp_path):
     assert res["calibrated"] >= res["float"] - 1.0
     assert res["qat"] >= res["float"] - 0.3
     assert res["npu_vs_fake_quant_agreement"] >= 99.9
+
+
+def test_keras_networks_equal_the_pytorch_ones():
+    """The Keras ports carry the PyTorch demo's trained weights: same logits."""
+    import numpy as np
+    import torch
+    from demos.fashion_mnist import data, models as tm
+    from demos.keras_fashion_mnist import models as km
+    x, _ = data.load("test", limit=64)
+    for name in ("resnet8", "mobilenetv2s"):
+        pth = ROOT / "demos" / "fashion_mnist" / "weights" / f"{name}.pth"
+        k = km.build(name)
+        km.load_torch_weights(k, pth)
+        t = tm.build(name)
+        t.load_state_dict(torch.load(pth, weights_only=True))
+        with torch.no_grad():
+            ref = t.eval()(torch.from_numpy(x)).numpy()
+        got = k.predict(np.transpose(x, (0, 2, 3, 1)), verbose=0)
+        assert np.abs(ref - got).max() < 1e-4, name

@@ -88,3 +88,29 @@ def dopt_convert_model(framework, model_path, input_shapes, out_nodes, params, p
     ``out_nodes`` applied, and the parameter document ``params`` (or ``None``) re-keyed
     onto the converted graph's node names. Return ``None`` for a framework not one's own.
     """
+
+
+# --- LLM low-bit quantization (``dopt.dopt_llm``) -------------------------------------
+
+
+@hookspec(firstresult=True)
+def dopt_set_quant_state(adapter, model, weight_state, input_state):
+    """Switch weight / input fake quantization of a quantized model on or off."""
+
+
+@hookspec(firstresult=True)
+def dopt_set_run_mode(adapter, model, mode):
+    """``"hardware"``: weights frozen on their integer grid, inference only; ``"train"``."""
+
+
+@hookspec(firstresult=True)
+def dopt_llm_generate_config(adapter, model_path, dst_path, defaults):
+    """Write the per-layer ``dopt_config.json`` for the model at ``model_path``."""
+
+
+@hookspec(firstresult=True)
+def dopt_llm_run_stage(adapter, job):
+    """Run one stage of the three-stage pipeline; ``job`` is a ``dopt.dopt_llm.opt_main.LlmJob``.
+
+    Return ``{kind: path}`` of the files written (each written whole or not at all).
+    """

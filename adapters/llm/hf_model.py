@@ -42,19 +42,32 @@ def _require(module: str, package: str) -> None:
 
 
 def load_smollm2(dtype=None):
-    """Load ``(model, tokenizer)`` offline; ``dtype`` defaults to ``torch.float32``.
+    """Load ``(model, tokenizer)`` of the packaged SmolLM2 offline (float32 by default)."""
+    directory, gguf_file = find_smollm2()
+    return load_causal_lm(os.path.join(directory, gguf_file), dtype)
+
+
+def smollm2_path() -> str:
+    """The packaged GGUF file, usable as ``--model-path``."""
+    return os.path.join(*find_smollm2())
+
+
+def load_causal_lm(model_path, dtype=None):
+    """``(model, tokenizer)`` from a HuggingFace folder or a ``.gguf`` file, offline.
 
     ``HF_HUB_OFFLINE=1`` is set (if unset) before transformers is imported and
     ``local_files_only=True`` is passed, so no hub access is attempted. The model comes back
-    in eval mode as a plain float model: transformers leaves a GGUF ``hf_quantizer`` and
-    ``config.quantization_config`` on it although the weights are dequantized, and with
+    in eval mode as a plain float model: for GGUF, transformers leaves an ``hf_quantizer``
+    and ``config.quantization_config`` on it although the weights are dequantized, and with
     them ``save_pretrained`` refuses ("quantized with gguf and is not serializable") and the
     Trainer treats the model as quantized; both are removed here.
     """
-    directory, gguf_file = find_smollm2()
-    # transformers reads GGUF with the ``gguf`` package and refuses GGUF without accelerate
-    for module, package in (("torch", "torch"), ("transformers", "transformers"),
-                            ("gguf", "gguf"), ("accelerate", "accelerate")):
+    path = Path(model_path)
+    gguf = path.suffix.lower() == ".gguf"
+    needs = [("torch", "torch"), ("transformers", "transformers")]
+    if gguf:  # transformers reads GGUF with ``gguf`` and refuses GGUF without accelerate
+        needs += [("gguf", "gguf"), ("accelerate", "accelerate")]
+    for module, package in needs:
         _require(module, package)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -64,11 +77,19 @@ def load_smollm2(dtype=None):
 
     # transformers 4.56 renamed ``torch_dtype`` to ``dtype`` (5.x warns on the old name)
     dtype_key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file,
-                                              local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file,
-                                                 local_files_only=True,
-                                                 **{dtype_key: dtype or torch.float32})
+    where = {"pretrained_model_name_or_path": str(path.parent if gguf else path),
+             "local_files_only": True}
+    if gguf:
+        where["gguf_file"] = path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(**where)
+        model = AutoModelForCausalLM.from_pretrained(**where,
+                                                     **{dtype_key: dtype or torch.float32})
+    except (OSError, ValueError, KeyError) as e:
+        raise DoptError("transformers could not load the model", file=str(model_path),
+                        field="--model-path", found=f"{type(e).__name__}: {str(e)[:300]}",
+                        hint="pass a folder loadable with AutoModelForCausalLM.from_pretrained "
+                             "(config.json, weights, tokenizer) or a .gguf file") from None
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

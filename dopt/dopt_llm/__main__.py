@@ -1,0 +1,5 @@
+import sys
+
+from .opt_main import main
+
+sys.exit(main())

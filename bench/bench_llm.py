@@ -12,11 +12,13 @@ Linear layers; only the full-pipeline row also quantizes the tied embedding / lm
 activations. dopt stages run as the user runs them (``python -m dopt.dopt_llm``), each in its
 own process, so wall time and peak RSS are per stage.
 
+Calibration / training data: ``data.balanced_records`` (every pydoc training record and as many
+evenly spaced KJV training records, interleaved).
+
 Evaluation: the first ``--eval-tokens`` tokens of the KJV and pydoc evaluation streams
 (``dopt_adapters.llm.data.eval_token_stream``; books/topics disjoint from the training split),
-context 512, stride 512 (non-overlapping windows). Calibration / training: the mixed KJV +
-pydoc training split, packed into ``cutoff_len``-token samples by the pipeline's own sampler;
-GPTQ gets the very same samples.
+context 512, stride 512 (non-overlapping windows). The training records are packed into
+``cutoff_len``-token samples by the pipeline's own sampler; GPTQ gets the very same samples.
 """
 from __future__ import annotations
 
@@ -38,9 +40,9 @@ BENCH_CONFIG = {
            "num_epochs": 2, "learning_rate": 5e-3, "eval_step": 1, "logging_step": 1000,
            "lr_scheduler_type": "cosine", "trainable_keys": ["quant_alpha", "norm"],
            "no_split_module_classes": ["LlamaDecoderLayer"]},
-    "dataset": {"train_files": "train.json", "train_samples": 128, "ptq_samples": 128},
+    "dataset": {"train_files": "train.json", "train_samples": 64, "ptq_samples": 64},
     "extra_training_config": {"fp16": False},
-    "cutoff_len": 256, "num_samples": 128, "lut_mode": False, "embedding_in_omc": False,
+    "cutoff_len": 256, "num_samples": 64, "lut_mode": False, "embedding_in_omc": False,
 }
 
 _RUNNER = """
@@ -145,7 +147,7 @@ def main(argv=None) -> int:
         eval_tokens = min(eval_tokens, 2048)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dopt-bench-llm-"))
     work.mkdir(parents=True, exist_ok=True)
-    build_dataset(work / "train.json", "both", "train")
+    build_dataset(work / "train.json", "balanced", "train")
     cfg["dataset"]["train_files"] = str(work / "train.json")
 
     model, tok = load_smollm2()
@@ -158,7 +160,7 @@ def main(argv=None) -> int:
                         "context": args.context, "stride": args.context,
                         "source": "dopt_adapters.llm.data.eval_token_stream"},
                "calibration": {"samples": int(calib.shape[0]), "tokens": int(calib.shape[1]),
-                               "source": "KJV + pydoc training split"},
+                               "source": "KJV + pydoc training split, balanced (data.balanced_records)"},
                "config": cfg, "machine": f"{os.cpu_count()} CPU cores, torch "
                                          f"{torch.__version__}, {torch.get_num_threads()} threads",
                "date": time.strftime("%Y-%m-%d"), "rows": []}
@@ -206,19 +208,17 @@ def main(argv=None) -> int:
                      else "dopt stage 1, clip search (kd off)")
             add(label, g, ppl_pair(qm, streams, args.context), stage1=s1)
             del qm
-    if "full" in methods:
+    if "full" in methods and "dopt_kd" in methods:
+        # stages 2 and 3 on the distilled g{first} run: INT16 activations on top of W4
         g = groups[0]
-        run = work / f"full_g{g}"
-        run.mkdir(exist_ok=True)
-        write_yaml(run / "config.yaml", cfg)
-        dopt_config_for(model, run / "dopt_config.json", g, with_embedding=True)
-        log(f"dopt full Quant_INT16-4 pipeline g{g}:")
+        run = work / f"dopt_kd_g{g}"
+        log(f"dopt stages 2-3 on dopt_kd_g{g}:")
         stages = {s: run_stage(work, s, run / "dopt_config.json", run / "config.yaml", run, g,
-                               log) for s in ("stage1", "stage2", "stage3")}
+                               log) for s in ("stage2", "stage3")}
         qm = quantized_from(run / "trained.pth", run / "dopt_config.json", input_state=True)
         sizes = {p.name: p.stat().st_size for p in run.iterdir() if p.is_file()
                  and p.suffix in (".pth", ".json", ".npz", ".bin")}
-        add("dopt Quant_INT16-4 (stages 1-3, emb/lm_head 8-bit, INT16 act)", g,
+        add("dopt Quant_INT16-4: W4 (stage 1 kd) + INT16 activations (stage 2)", g,
             ppl_pair(qm, streams, args.context), stages=stages, file_bytes=sizes)
     print(json.dumps(results, indent=1))
     return 0

@@ -35,7 +35,7 @@ from dopt.log import Logger
 from .quant_modules import QuantLinear, alpha_logit, fake_quant_weight, group_minmax
 from dopt.lowbit import group_bounds
 
-CLIP_GRID = tuple(round(1.0 - 0.025 * k, 3) for k in range(21))  # 1.0 .. 0.5
+CLIP_GRID = tuple(round(1.0 - 0.05 * k, 2) for k in range(11))  # 1.0 .. 0.5
 GRAM_TOKENS = 16384
 
 
@@ -150,6 +150,66 @@ def _group_error(d: torch.Tensor, c: torch.Tensor, bounds) -> torch.Tensor:
         tail = ((d[:, a:] @ c[a:, a:]) * d[:, a:]).sum(1, keepdim=True)
         err = torch.cat([err, tail], 1)
     return err
+
+
+# (scale producer, consumers): the producer's output channels feed the consumers' inputs, so
+# dividing the producer by s and multiplying the consumers' columns by s leaves the float
+# block unchanged (norm weights; up_proj rows feed down_proj through an elementwise product)
+SCALE_PAIRS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+               ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+               ("mlp.up_proj", ("mlp.down_proj",)))
+SCALE_GRID = tuple(k / 10 for k in range(11))  # exponent on the input RMS; 0 = no scaling
+
+
+def _scaled_error(w, s, bits, group, c, bounds):
+    """Output error of quantizing ``w * s`` and undoing the scale: ``d C d^T`` summed."""
+    d = fake_quant_weight(w * s, bits, group) / s - w
+    return float(_group_error(d, c, bounds).sum())
+
+
+def scale_search(block, grams, *, grid=SCALE_GRID) -> dict:
+    """Activation-aware input scaling before clip search: per producer/consumer pair, pick the
+    exponent ``a`` of ``s = rms(x)^a`` that minimises the consumers' quantization error, fold
+    ``1/s`` into the producer and ``s`` into the consumers' columns, and rescale their Gram
+    matrices. Returns ``{producer: exponent}``; exponent 0 (no change) is on the grid."""
+    mods = dict(block.named_modules())
+    chosen = {}
+    for prod_name, cons_names in SCALE_PAIRS:
+        prod = mods.get(prod_name)
+        cons = [(n, mods.get(n)) for n in cons_names]
+        if prod is None or any(m is None or n not in grams for n, m in cons):
+            continue
+        c = grams[cons[0][0]].float()
+        rms = c.diagonal().clamp_min(1e-12).sqrt()  # up to a constant the normalisation removes
+        with torch.no_grad():
+            ws = [m.weight.detach().float() for _, m in cons]
+            bounds = [group_bounds(m.in_features, m.group_size) for _, m in cons]
+            best = (None, 0.0)
+            for a in grid:
+                s = rms.pow(a)
+                s = s / (s.max() * s.min()).sqrt()
+                err = sum(_scaled_error(w, s, m.w_bits, m.group_size, c, b)
+                          for w, (_, m), b in zip(ws, cons, bounds))
+                if best[0] is None or err < best[0]:
+                    best = (err, a, s)
+            a = best[1]
+            chosen[prod_name] = a
+            if a == 0.0:
+                continue
+            s = best[2].to(prod.weight.dtype)
+            if isinstance(prod, nn.Linear) or hasattr(prod, "in_features"):
+                prod.weight.div_(s[:, None])
+                if getattr(prod, "bias", None) is not None:
+                    prod.bias.div_(s)
+            else:
+                prod.weight.div_(s)
+            for n, m in cons:
+                m.weight.mul_(s[None, :])
+                grams[n] = grams[n] / s.double()[:, None] / s.double()[None, :]
+                m._cache = None
+            if hasattr(prod, "_cache"):
+                prod._cache = None
+    return chosen
 
 
 def clip_search(m: QuantLinear, gram: torch.Tensor, grid=CLIP_GRID) -> float:
@@ -288,8 +348,9 @@ def signature(*parts) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
-def _block_state(block, keys):
-    return {n: p.detach().cpu().clone() for n, p in _trainable(block, keys + ["quant_alpha"])}
+def _block_state(block):
+    """Everything stage 1 may change in a block: weights (input scaling), norms, clip factors."""
+    return {n: t.detach().cpu().clone() for n, t in block.state_dict().items()}
 
 
 def quantize_blocks(model, ids, kd: dict, *, kd_enabled: bool, keys, progress_path=None,
@@ -318,16 +379,16 @@ def quantize_blocks(model, ids, kd: dict, *, kd_enabled: bool, keys, progress_pa
         for m in qmods:
             m.weight_quant = True
         if i < n_done:
-            with torch.no_grad():
-                for n, p in _trainable(block, list(keys) + ["quant_alpha"]):
-                    p.copy_(done_states[f"{i}.{n}"].to(p.device))
+            block.load_state_dict({n: done_states[f"{i}.{n}"] for n in block.state_dict()})
             for m in qmods:
                 m._cache = None
         else:
             grams = gram_matrices(block, x_q, kwargs, micro)
+            scales = _scale_if_equivalent(block, grams, x_q[:2], kwargs)
             ratios = [clip_search(m, grams[n]) for n, m in _qlinears(block)]
-            msg = (f"block {i + 1}/{len(layers)}: clip search error x"
-                   f"{sum(ratios) / max(1, len(ratios)):.3f}")
+            msg = (f"block {i + 1}/{len(layers)}: input scaling exponents "
+                   f"{'/'.join(f'{a:.2f}' for a in scales.values()) or '-'}, clip search "
+                   f"error x{sum(ratios) / max(1, len(ratios)):.3f}")
             if kd_enabled and kd["num_epochs"] > 0:
                 start, kept, skipped = train_block(block, x_q, y, kwargs, kd, list(keys),
                                                    f"block {i + 1}/{len(layers)}", autocast)
@@ -336,13 +397,40 @@ def quantize_blocks(model, ids, kd: dict, *, kd_enabled: bool, keys, progress_pa
                     msg += f" ({skipped} non-finite steps skipped)"
                 summary.append((start, kept))
             Logger.info(msg + f" ({time.perf_counter() - t0:.1f} s)")
-            for n, t in _block_state(block, list(keys)).items():
+            for n, t in _block_state(block).items():
                 done_states[f"{i}.{n}"] = t
             if progress_path:
                 _save_progress(progress_path, sig, i + 1, done_states)
         x_q = run_block(block, x_q, kwargs, micro)
         x_fp = y
     return summary
+
+
+def _scale_if_equivalent(block, grams, probe, kwargs):
+    """Scale search, kept only if the float block still computes the same function (a norm
+    that is not ``weight * x``, e.g. ``(1 + weight) * x``, would break the folding)."""
+    qmods = [m for m in block.modules() if isinstance(m, QuantLinear)]
+    saved = {k: v.clone() for k, v in block.state_dict().items()}
+    saved_grams = dict(grams)
+    for m in qmods:
+        m.weight_quant = False
+    try:
+        before = run_block(block, probe, kwargs, 2)
+        chosen = scale_search(block, grams)
+        after = run_block(block, probe, kwargs, 2)
+    finally:
+        for m in qmods:
+            m.weight_quant = True
+    err = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
+    if not err < 1e-3:
+        block.load_state_dict(saved)
+        grams.clear()
+        grams.update(saved_grams)
+        Logger.warning(f"input scaling changed the float block (relative {err:.1e}); undone")
+        chosen = {}
+    for m in qmods:
+        m._cache = None
+    return chosen
 
 
 def _load_progress(path, sig):

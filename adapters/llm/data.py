@@ -193,11 +193,23 @@ def records(source: str = "kjv", split: str = "train", max_samples: int | None =
     return [{"text": t} for t in texts]
 
 
+def balanced_records(split: str = "train", max_chars: int = 600) -> list[dict[str, str]]:
+    """KJV and pydoc records in equal numbers, interleaved: every pydoc record and as many
+    evenly spaced KJV records. The KJV split is ten times larger; a set drawn from ``both``
+    is mostly scripture, and distillation then fits the norms to it (measured: pydoc
+    perplexity after stage 1 got worse than with clip search alone)."""
+    pydoc = records("pydoc", split, None, max_chars)
+    kjv = records("kjv", split, len(pydoc), max_chars)
+    return [r for pair in zip(kjv, pydoc) for r in pair]
+
+
 def build_dataset(dst_json, source: str = "kjv", split: str = "train",
                   max_samples: int | None = None, max_chars: int = 600) -> int:
     """Write the reference's JSON dataset (a list of ``{"text": ...}``) atomically to
-    ``dst_json``; return the number of records."""
-    recs = records(source, split, max_samples, max_chars)
+    ``dst_json``; return the number of records. ``source="balanced"``: see
+    ``balanced_records`` (``max_samples`` does not apply)."""
+    recs = (balanced_records(split, max_chars) if source == "balanced"
+            else records(source, split, max_samples, max_chars))
     write_json_atomic(dst_json, recs)
     return len(recs)
 

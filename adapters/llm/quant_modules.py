@@ -26,6 +26,8 @@ def alpha_logit(alpha: torch.Tensor) -> torch.Tensor:
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return torch.round(x)
     return (torch.round(x) - x).detach() + x
 
 

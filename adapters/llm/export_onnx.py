@@ -43,7 +43,8 @@ SEED = 0
 
 
 def export_causal_lm(model, path, *, seq_len: int = 32, opset: int = 17, dynamic: bool = True,
-                     check: bool = True, atol: float | None = None) -> dict:
+                     check: bool = True, atol: float | None = None,
+                     rtol: float | None = None) -> dict:
     """Write ``model`` as ONNX to ``path`` and return what was written and how close it is.
 
     ``seq_len`` is the traced length (and the first checked one); with ``dynamic`` the batch
@@ -78,7 +79,7 @@ def export_causal_lm(model, path, *, seq_len: int = 32, opset: int = 17, dynamic
                   "seq_lens_checked": None, "argmax_agreement": None}
         if check:
             lens = [seq_len, _second_len(seq_len)] if dynamic else [seq_len]
-            result.update(_compare(model, stage / dest.name, vocab, batch, lens, atol))
+            result.update(_compare(model, stage / dest.name, vocab, batch, lens, atol, rtol))
             _raise_if_off(result, dest)
     return result
 
@@ -248,7 +249,7 @@ def _save(proto, file: Path) -> list[Path]:
 
 
 def _compare(model, file: Path, vocab: int, batch: int, lens: list[int],
-             atol: float | None) -> dict:
+             atol: float | None, rtol: float | None = None) -> dict:
     """Run the file in ONNX Runtime and the model in PyTorch on the same seeded tokens."""
     import numpy as np
     import onnxruntime as ort
@@ -277,7 +278,8 @@ def _compare(model, file: Path, vocab: int, batch: int, lens: list[int],
         del sess
     worst, peak = float(np.max(diffs)), float(np.max(peaks))  # np.max keeps a NaN
     return {"max_abs_diff": worst, "max_rel_diff": worst / peak if peak else float(worst > 0),
-            "atol": DEFAULT_RTOL * peak if atol is None else float(atol),
+            "atol": (DEFAULT_RTOL if rtol is None else rtol) * peak if atol is None
+            else float(atol),
             "seq_lens_checked": list(lens), "argmax_agreement": agree / total}
 
 

@@ -19,6 +19,7 @@ from .hf_model import load_causal_lm
 from .model_opt import optimize_model, set_calibrate_state, set_quant_state, set_run_mode
 
 MAX_STATE_BYTES = 64 << 30
+ONNX_RTOL = 1e-2
 
 
 def pick_device(fp16: bool):
@@ -177,7 +178,9 @@ def stage3(job: LlmJob) -> dict:
             written["hf_model"] = "hf_model"
         if job.export_onnx:
             from .export_onnx import export_causal_lm
-            report = export_causal_lm(model, stage / "model.onnx")
+            # INT16 rounding points: a float32 difference of one ulp before a rounding point
+            # moves a code by one step, so a quantized model is checked at 1 % of max |logit|
+            report = export_causal_lm(model, stage / "model.onnx", rtol=ONNX_RTOL)
             Logger.info(f"ONNX: {report}")
     written = {k: str(out_dir / Path(v).name) for k, v in written.items()}
     written["fake_quant_weight"] = str(out_dir / STAGE_OUTPUTS["stage3"])

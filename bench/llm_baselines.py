@@ -155,48 +155,17 @@ def relative_output_error(W, Q, H) -> float:
 
 # --- the sequential, layer-by-layer driver -------------------------------------------------
 
-class _Caught(Exception):
-    pass
-
-
 class _Stop(Exception):
     pass
 
 
-class _Catcher(torch.nn.Module):
-    """Stands in for decoder layer 0: records its inputs and stops the model forward."""
-
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-        self.calls = []
-
-    def __getattr__(self, name):  # the model may read layer attributes (attention_type, ...)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("layer"), name)
-
-    def forward(self, hidden_states, *args, **kwargs):
-        self.calls.append((hidden_states, args, kwargs))
-        raise _Caught
-
-
 def _capture_layer0_inputs(model, calib_ids, batch_size):
-    """Per micro-batch ``(hidden states, args, kwargs)`` that the model hands to layer 0."""
-    layers = model.model.layers
-    catcher = _Catcher(layers[0])
-    layers[0] = catcher
+    """Per micro-batch ``(hidden states, args, kwargs)`` that the model hands to layer 0,
+    caught by the pipeline's own catcher (``dopt_adapters.llm.blockwise.capture_inputs``)."""
+    from dopt_adapters.llm.blockwise import capture_inputs
     device = next(model.parameters()).device
-    try:
-        for s in range(0, calib_ids.shape[0], batch_size):
-            try:
-                model(input_ids=calib_ids[s:s + batch_size].to(device), use_cache=False)
-            except _Caught:
-                pass
-    finally:
-        layers[0] = catcher.layer
-    return catcher.calls
+    hidden, kwargs = capture_inputs(model, model.model.layers, calib_ids.to(device), batch_size)
+    return [(hidden[s:s + batch_size], (), kwargs) for s in range(0, hidden.shape[0], batch_size)]
 
 
 def _run_layer(layer, calls):

@@ -255,7 +255,7 @@ def test_resume_and_training_improves_blocks(workdir):
     a second run with the same signature resumes from the progress file."""
     from dopt.dopt_llm.config import load_optimize_config
     from dopt_adapters.llm import blockwise
-    from dopt_adapters.llm.model_opt import optimize_model
+    from dopt_adapters.llm.model_opt import optimize_model, quantizable_layers
     from dopt_adapters.llm.pipeline import token_samples
     cfg = load_optimize_config(workdir / "config.yaml")
     tok = transformers.AutoTokenizer.from_pretrained(workdir / "qwen2")
@@ -264,11 +264,9 @@ def test_resume_and_training_improves_blocks(workdir):
     prog = workdir / "progress.pth"
     for _ in range(2):
         m = transformers.AutoModelForCausalLM.from_pretrained(workdir / "qwen2")
-        data = {"layer_strategy": {}}
-        generate = __import__("dopt_adapters.llm.model_opt", fromlist=["x"])
-        layers, _ = generate.quantizable_layers(m)
-        data["layer_strategy"] = {n: {"quant_strategy": "Quant_act_weight_eco"}
-                                  for n, (k, _) in layers.items() if k == "linear"}
+        layers, _ = quantizable_layers(m)
+        data = {"layer_strategy": {n: {"quant_strategy": "Quant_act_weight_eco"}
+                                   for n, (k, _) in layers.items() if k == "linear"}}
         optimize_model(m, "inline.json", cli_defaults={"w_bits": 3, "group_size": 32,
                                                        "act_bits": 16}, data=data)
         summary = blockwise.quantize_blocks(m, ids, cfg.kd, kd_enabled=True,

@@ -20,6 +20,7 @@ file, so an interrupted run resumes at the next block.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
@@ -65,6 +66,12 @@ class _Catcher(nn.Module):
     def __init__(self, block):
         super().__init__()
         self.block, self.inputs, self.kwargs = block, [], None
+
+    def __getattr__(self, name):  # the model may read block attributes (attention_type, ...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("block"), name)
 
     def forward(self, hidden_states, *args, **kwargs):
         self.inputs.append(hidden_states.detach())
@@ -297,7 +304,7 @@ def train_block(block, x, y, kwargs, kd: dict, keys, log_prefix: str, autocast=N
             group = chunks[j:j + accum]
             ok = True
             for idx in group:
-                with autocast() if autocast else _null():
+                with autocast() if autocast else contextlib.nullcontext():
                     o = _out(block(x[idx], **kwargs))
                     loss = F.mse_loss(o.float(), y[idx].float()) / len(group)
                 if not torch.isfinite(loss):
@@ -334,14 +341,6 @@ def train_block(block, x, y, kwargs, kd: dict, keys, log_prefix: str, autocast=N
         if isinstance(m, QuantLinear):
             m._cache = None
     return start, best, skipped
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def signature(*parts) -> str:

@@ -8,7 +8,7 @@ from dopt.dopt_llm.config import (check_tied, default_dopt_config, read_json,
 from dopt.errors import DoptError
 from dopt.log import Logger
 
-from .quant_modules import QuantEmbedding, QuantLinear, _QuantBase, quant_modules
+from .quant_modules import QuantEmbedding, QuantLinear, quant_modules
 
 RUN_MODES = ("hardware", "train")
 
@@ -135,6 +135,3 @@ def set_run_mode(model, mode: str):
             p.requires_grad_(False)
     return model
 
-
-def is_quant_module(m) -> bool:
-    return isinstance(m, _QuantBase)

@@ -59,18 +59,6 @@ def group_qparams(w: torch.Tensor, bits: int, group_size: int, alpha=None, minma
     return scale, zero
 
 
-def quantize_codes(w, scale, zero, bits: int, group_size: int):
-    """Integer codes (as float tensor, STE through rounding) ``[out, in]``."""
-    g = _padded(w, group_size)
-    q = torch.clamp(round_ste(g / scale[..., None]) + zero[..., None], 0, float(qmax(bits)))
-    return q.reshape(w.shape[0], -1)[:, :w.shape[1]]
-
-
-def dequantize_codes(q, scale, zero, group_size: int):
-    g = _padded(q, group_size)
-    return ((g - zero[..., None]) * scale[..., None]).reshape(q.shape[0], -1)[:, :q.shape[1]]
-
-
 def fake_quant_weight(w, bits: int, group_size: int, alpha=None, minmax=None):
     scale, zero = group_qparams(w, bits, group_size, alpha, minmax)
     g = _padded(w, group_size)

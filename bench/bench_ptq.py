@@ -26,7 +26,7 @@ that same file and the same calibration samples ``--out/<model>/calib.npy``):
 Methods: ``ort:minmax``, ``ort:entropy``, ``ort:percentile`` (``quantize_static``, QDQ,
 per-channel, QInt8, ops Conv/Gemm/MatMul; ``--peer-all-ops`` for ORT's defaults), ``nncf``
 (``nncf.quantize``, same op set unless ``--peer-all-ops``), and ``dopt:<algorithm>`` for
-algorithm in minmax/percentile/entropy/mse/auto (``dopt_adapters.onnx.ptq.quantize_onnx``).
+algorithm in minmax/percentile/entropy/mse/auto (``dopt_adapters.onnx.ptq_backend.quantize_onnx``).
 See ``bench/ptq_peers.py`` for each peer's settings.
 
 Each method runs in a fresh subprocess (``--worker``) that loads the calibration samples and
@@ -311,7 +311,7 @@ def _hwm_bytes() -> int:
 def _import_dopt():
     """``quantize_onnx``, or a message saying why the adapter cannot be imported (yet)."""
     try:
-        from dopt_adapters.onnx.ptq import quantize_onnx
+        from dopt_adapters.onnx.ptq_backend import quantize_onnx
     except ImportError as e:  # absent, or present but not importable (work in progress)
         return f"{DOPT_MISSING} ({type(e).__name__}: {e})"
     return quantize_onnx

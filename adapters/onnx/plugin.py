@@ -35,8 +35,7 @@ def dopt_claim_file(framework, model_path):
 
 
 @hookimpl
-def dopt_quantize_file(adapter, job):
-    if adapter != NAME:
-        return None
-    from .ptq import quantize_job
+def dopt_quantize_file(job):
+    # called only for this adapter: the plugin manager dispatches on ``adapter``
+    from .ptq_backend import quantize_job
     return quantize_job(job)

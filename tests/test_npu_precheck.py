@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from dopt.npu.lower import lower_onnx  # noqa: E402
 from dopt.npu.precheck import precheck, render_text  # noqa: E402
 from dopt.npu.profile import load_profile  # noqa: E402
-from dopt.npu.rules import padding_waste  # noqa: E402
+from dopt.npu.rules import int8_skip_reason, padding_waste  # noqa: E402
 
 
 def _w(name, *shape):
@@ -62,6 +62,7 @@ def test_int8_rules():
     by = {x["node"]: x for x in r["nodes"]}
     # Cin 16 <= 16: INT8 skipped, the layers run FP16 (where 16 channels are aligned)
     assert [f["rule"] for f in by["conv_bn"]["findings"]] == ["int8_min_cin"]
+    assert int8_skip_reason(16, load_profile()) in by["conv_bn"]["findings"][0]["message"]
     assert not by["conv_bn"]["int8"] and by["conv_bn"]["outcome"] == "npu_degraded"
     nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="wide")]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(

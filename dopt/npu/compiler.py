@@ -22,7 +22,7 @@ from .omfile import OmModel
 from .precheck import precheck
 from .prepare import TARGET_OPSET, prepare
 from .profile import HardwareProfile
-from .rules import CPU
+from .rules import CPU, FUSED, Device, concat_split_in_place
 
 _ATTR_KINDS = {1: "float", 2: "int", 3: "str", 4: "tensor", 6: "floats", 7: "ints", 8: "strs"}
 
@@ -59,7 +59,7 @@ class _Builder:
         """
         a = self.inits[name]
         if a.dtype in (np.float32, np.float64, np.float16):
-            a = a.astype(self.wdt if device == "npu" else np.float32)
+            a = a.astype(self.wdt if device == Device.NPU else np.float32)
         have = self.tensors.get(name)
         if have is None:
             self.tensors[name] = a
@@ -99,6 +99,7 @@ class _Builder:
         return [self.dtypes.get(t, "float32") for t in outputs]
 
     def _emit(self, **k) -> dict:
+        k["device"] = Device(k["device"]).value  # the .om holds plain strings
         k.setdefault("fused", [])
         k.setdefault("removed", False)
         k.setdefault("attrs", {})
@@ -114,17 +115,17 @@ class _Builder:
             if n.fused_into:
                 continue
             if row["outcome"] == CPU:
-                self._generic(n, "cpu")
+                self._generic(n, Device.CPU)
             elif n.op in ("Convolution", "ConvolutionDepthwise") and n.attrs.get("weight"):
                 self._conv(n, row)
             elif n.op == "FullyConnection" and n.attrs.get("weight") and self._fc_ok(n):
                 self._fc(n, row)
             else:
-                dev = "npu"
-                if row["outcome"] == "fused":  # shape-only: runs where its data lives
+                dev = Device.NPU
+                if row["outcome"] == FUSED:  # shape-only: runs where its data lives
                     srcs = [self.device_of.get(t) for t in n.inputs if t and t not in self.inits]
-                    dev = "cpu" if srcs and all(s == "cpu" for s in srcs) else "npu"
-                self._generic(n, dev, removed=row["outcome"] == "fused")
+                    dev = Device.CPU if srcs and all(s == Device.CPU for s in srcs) else dev
+                self._generic(n, dev, removed=row["outcome"] == FUSED)
         self._mark_in_place()
         return self.kernels, self.tensors
 
@@ -132,7 +133,7 @@ class _Builder:
         node = self.onnx_nodes[n.name]
         inputs = [self._const(x, device) if x in self.inits else x for x in node.input]
         self._emit(name=n.name, op=n.op, onnx_op=n.onnx_op, domain=node.domain,
-                   device=device, precision="fp32" if device == "cpu" else "fp16",
+                   device=device, precision="fp32" if device == Device.CPU else "fp16",
                    inputs=inputs, outputs=list(node.output),
                    out_dtypes=self._out_dtypes(node.output), attrs=self._attrs(node),
                    removed=removed)
@@ -173,7 +174,7 @@ class _Builder:
              else np.zeros(cout, np.float32))
         w, b, k, fused = self._fold(n, w, b, cout)
         out = n.attrs.get("fused_output", node.output[0])
-        common = dict(onnx_op="Conv", domain="", device="npu", fused=fused)
+        common = dict(onnx_op="Conv", domain="", device=Device.NPU, fused=fused)
         if row["int8"]:
             axis = [1, cout, 1, 1][: w.ndim]
             self._int8(n, node.input[0], w, b, k, out, attrs, axis, common)
@@ -233,7 +234,7 @@ class _Builder:
             w = np.ascontiguousarray(w.T)
             b = np.zeros(w.shape[0], np.float32)
         out = node.output[0]
-        common = dict(onnx_op="FullyConnection", domain="", device="npu", fused=[])
+        common = dict(onnx_op="FullyConnection", domain="", device=Device.NPU, fused=[])
         if row["int8"]:
             self._int8(n, node.input[0], w, b, np.ones(w.shape[0], np.float32), out, {},
                        [w.shape[0]], common)
@@ -253,7 +254,7 @@ class _Builder:
         deq = self._new_tensor(f"{n.name}.deq_scale",
                                nm.bias_scales(s_d, s_w).reshape(scale_shape))
         self._emit(name=f"{n.name}/quantize", op="Quantize", onnx_op="Quantize", domain="",
-                   device="npu", precision="int8", inputs=[x], outputs=[ins[0]],
+                   device=Device.NPU, precision="int8", inputs=[x], outputs=[ins[0]],
                    out_dtypes=["int8"],
                    attrs={"scale": {"kind": "float", "value": float(s_d)},
                           "offset": {"kind": "int", "value": o_d}})
@@ -262,15 +263,15 @@ class _Builder:
         self._emit(name=n.name, op=self.profile.int8_form(n.op), precision="int8", inputs=ins,
                    outputs=[f"{n.name}/acc"], out_dtypes=["int32"], attrs=attrs, **common)
         self._emit(name=f"{n.name}/dequantize", op="Dequantize", onnx_op="Dequantize", domain="",
-                   device="npu", precision="int8", inputs=[f"{n.name}/acc", deq], outputs=[out],
-                   out_dtypes=["float32"])
+                   device=Device.NPU, precision="int8", inputs=[f"{n.name}/acc", deq],
+                   outputs=[out], out_dtypes=["float32"])
 
     def _mark_in_place(self):
         """Aligned ConcatD/SplitD cost nothing: producers write into the shared buffer."""
         for k in self.kernels:
-            if k["op"] in ("ConcatD", "SplitD") and k["device"] == "npu":
+            if k["op"] in ("ConcatD", "SplitD") and k["device"] == Device.NPU:
                 row = self.outcome.get(k["name"], {})
-                k["in_place"] = not any(f["rule"] == "concat_split_in_place"
+                k["in_place"] = not any(f["rule"] == concat_split_in_place.__name__
                                         for f in row.get("findings", []))
 
 

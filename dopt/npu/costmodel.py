@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 
-from .rules import CONV_OPS, pad_channels
+from .rules import (CONV_OPS, CPU, FUSED, LOW_STARS, NPU, Device, Outcome, concat_split_in_place,
+                    pad_channels)
 
 MAC_OPS = CONV_OPS + ("FullyConnection", "MatMul", "BatchMatMul")
 EPILOGUE_OPS = ("Activation", "PRelu", "HardSwish")  # applied on a MAC kernel's output path
@@ -34,7 +35,7 @@ def _in_place(node, row) -> bool:
     axis = node.attrs.get("axis", 1)
     axis = axis + rank if axis < 0 else axis
     return (rank == 4 and axis == 1
-            and not any(f["rule"] == "concat_split_in_place" for f in row["findings"]))
+            and not any(f["rule"] == concat_split_in_place.__name__ for f in row["findings"]))
 
 
 def _macs(node, shapes, block: int) -> tuple[int, int]:
@@ -91,17 +92,17 @@ class _Plan:
         self.ops = {n.name: n.op for n in graph.nodes}
         with_epilogue: set[str] = set()
         for n in graph.nodes:
-            row = self.rows.get(n.name, {"outcome": "npu", "findings": []})
+            row = self.rows.get(n.name, {"outcome": NPU, "findings": []})
             if n.onnx_op == "Constant":
                 self.role[n.name] = "const"
-            elif row["outcome"] == "fused" and n.fused_into:
+            elif row["outcome"] == FUSED and n.fused_into:
                 self.role[n.name], self.host[n.name] = "folded", n.fused_into
-            elif row["outcome"] == "fused":
+            elif row["outcome"] == FUSED:
                 self.role[n.name] = "alias"
-            elif row["outcome"] != "cpu" and _in_place(n, row):
+            elif row["outcome"] != CPU and _in_place(n, row):
                 self.role[n.name] = "in_place"
             elif (cm["fuse_activation_into_conv"] and n.op in EPILOGUE_OPS
-                  and row["outcome"] != "cpu"
+                  and row["outcome"] != CPU
                   and (host := self._epilogue_host(graph, n)) not in (None, *with_epilogue)):
                 self.role[n.name], self.host[n.name] = "folded", host
                 self._writes(host, n.outputs[0])
@@ -120,7 +121,7 @@ class _Plan:
         if t is None or t in graph.outputs or len(self.consumers.get(t, [])) != 1:
             return None
         host = self.writer.get(t)
-        if host is None or self.rows.get(host, {}).get("outcome") == "cpu":
+        if host is None or self.rows.get(host, {}).get("outcome") == CPU:
             return None
         return host if self.ops[host] in MAC_OPS else None
 
@@ -131,7 +132,7 @@ def estimate(graph, report: dict, profile) -> dict:
     kernels, by_name = [], {}
     for n in graph.nodes:
         if plan.role[n.name] == "kernel":
-            row = plan.rows.get(n.name, {"outcome": "npu", "int8": False, "findings": []})
+            row = plan.rows.get(n.name, {"outcome": NPU, "int8": False, "findings": []})
             kernels.append(_kernel(n, row, plan, graph.shapes, profile))
             by_name[n.name] = kernels[-1]
     for name, host in plan.host.items():
@@ -144,8 +145,8 @@ def estimate(graph, report: dict, profile) -> dict:
 def _kernel(n, row, plan, shapes, profile) -> dict:
     """Roofline of one kernel: max(padded MACs / rate, DDR bytes / bandwidth) + launch."""
     cm = profile.cost_model
-    dev = "cpu" if row["outcome"] == "cpu" else "npu"
-    int8 = bool(row.get("int8")) and dev == "npu"
+    dev = Outcome(row["outcome"]).device
+    int8 = bool(row.get("int8")) and dev is Device.NPU
     macs, padded = (_macs(n, shapes, profile.channel_block(int8)) if n.op in MAC_OPS
                     else (0, 0))
     acts_in = [t for t in n.inputs if t and t not in plan.consts]
@@ -156,13 +157,13 @@ def _kernel(n, row, plan, shapes, profile) -> dict:
     tensors = ([_elems(shapes.get(t)) * (1 if int8 else FP16_BYTES) for t in acts_in]
                + [_elems(shapes.get(t)) * FP16_BYTES for t in n.outputs])
     onchip = cm["onchip_buffer_kb"] * 1024
-    k = {"node": n.name, "op": n.op or f"(ONNX {n.onnx_op})", "device": dev, "int8": int8,
+    k = {"node": n.name, "op": n.op or f"(ONNX {n.onnx_op})", "device": dev.value, "int8": int8,
          "macs": macs, "padded_macs": padded,
          "padding_waste": round(1 - macs / padded, 4) if padded else 0.0,
          "weight_bytes": w_bytes, "activation_bytes": sum(tensors), "tensor_bytes": tensors,
          "ddr_bytes": w_bytes + sum(max(0, b - onchip) for b in tensors), "fused": [],
          "shape_known": bool(out_elems) and all(shapes.get(t) for t in acts_in)}
-    if dev == "cpu":
+    if dev is Device.CPU:
         k["compute_us"] = max(2 * macs, out_elems) / (cm["cpu_gflops"] * 1e3)
         k["memory_us"] = 0.0
         k["time_us"] = k["compute_us"] + cm["cpu_op_us"]
@@ -170,7 +171,8 @@ def _kernel(n, row, plan, shapes, profile) -> dict:
         rate = cm["int8_tops" if int8 else "fp16_tops"] * 1e6 / 2  # MACs per microsecond
         if n.op == "ConvolutionDepthwise":
             rate *= cm["depthwise_efficiency"]
-        slow = cm["low_recommendation_slowdown"] if (profile.stars(n.op) or 5) <= 2 else 1.0
+        low = (profile.stars(n.op) or 5) <= LOW_STARS  # the rule ``low_recommendation``
+        slow = cm["low_recommendation_slowdown"] if low else 1.0
         k["compute_us"] = padded / rate
         k["memory_us"] = k["ddr_bytes"] / (cm["ddr_gbps"] * 1e3) * slow
         k["time_us"] = max(k["compute_us"], k["memory_us"]) + cm["kernel_launch_us"]
@@ -186,11 +188,13 @@ def _device_of_tensors(graph, plan, by_name) -> dict:
         if role == "kernel":
             d = by_name[n.name]["device"]
         elif role == "folded":
-            d = by_name[plan.host[n.name]]["device"] if plan.host[n.name] in by_name else "npu"
+            d = (by_name[plan.host[n.name]]["device"] if plan.host[n.name] in by_name
+                 else Device.NPU.value)
         elif role == "const":
             continue
         else:  # aliases and in-place concat/split live where their data lives
-            d = next((dev[t] for t in n.inputs if t in dev and dev[t] != "input"), "npu")
+            d = next((dev[t] for t in n.inputs if t in dev and dev[t] != "input"),
+                     Device.NPU.value)
         for t in n.outputs:
             dev[t] = d
     return dev
@@ -203,7 +207,7 @@ def _transfers(graph, plan, by_name, cm) -> list[dict]:
     for n in graph.nodes:
         if plan.role[n.name] not in ("kernel", "folded"):
             continue
-        dst = dev[n.outputs[0]] if n.outputs else "npu"
+        dst = dev[n.outputs[0]] if n.outputs else Device.NPU.value
         for t in n.inputs:
             src = dev.get(t)
             if src in (None, "input", dst) or t in plan.consts or (t, dst) in seen:
@@ -261,8 +265,8 @@ def _peak_activation_bytes(graph, plan) -> int:
 
 def _summary(graph, plan, kernels, transfers, profile) -> dict:
     cm = profile.cost_model
-    npu_us = sum(k["time_us"] for k in kernels if k["device"] == "npu")
-    cpu_us = sum(k["time_us"] for k in kernels if k["device"] == "cpu")
+    npu_us = sum(k["time_us"] for k in kernels if k["device"] == Device.NPU)
+    cpu_us = sum(k["time_us"] for k in kernels if k["device"] == Device.CPU)
     xfer_us = sum(x["time_us"] for x in transfers)
     total = npu_us + cpu_us + xfer_us
     macs = sum(k["macs"] for k in kernels)
@@ -286,12 +290,12 @@ def _summary(graph, plan, kernels, transfers, profile) -> dict:
         "summary": {
             "total_ms": total / 1e3, "npu_ms": npu_us / 1e3, "cpu_ms": cpu_us / 1e3,
             "transfer_ms": xfer_us / 1e3, "kernels": len(kernels),
-            "npu_kernels": sum(k["device"] == "npu" for k in kernels),
-            "cpu_kernels": sum(k["device"] == "cpu" for k in kernels),
+            "npu_kernels": sum(k["device"] == Device.NPU for k in kernels),
+            "cpu_kernels": sum(k["device"] == Device.CPU for k in kernels),
             "int8_kernels": sum(k["int8"] for k in kernels),
-            "compute_bound": sum(k["bound"] == "compute" and k["device"] == "npu"
+            "compute_bound": sum(k["bound"] == "compute" and k["device"] == Device.NPU
                                  for k in kernels),
-            "memory_bound": sum(k["bound"] == "memory" and k["device"] == "npu"
+            "memory_bound": sum(k["bound"] == "memory" and k["device"] == Device.NPU
                                 for k in kernels),
             "gmacs": macs / 1e9, "padded_gmacs": padded / 1e9,
             "padding_waste": round(1 - macs / padded, 4) if padded else 0.0,
@@ -320,8 +324,8 @@ def render_text(est: dict) -> str:
              "est. us |", "|---|---|---|---|---|---|---|---|---|---|"]
     for i, k in enumerate(est["kernels"]):
         name = k["node"] + (f" (+{', '.join(k['fused'])})" if k["fused"] else "")
-        lines.append(f"| {i} | {name} | {k['op']} | {k['device']} | "
-                     f"{'int8' if k['int8'] else 'fp16' if k['device'] == 'npu' else 'fp32'} | "
+        precision = "int8" if k["int8"] else "fp16" if k["device"] == Device.NPU else "fp32"
+        lines.append(f"| {i} | {name} | {k['op']} | {k['device']} | {precision} | "
                      f"{k['macs'] / 1e9:.4f} | {k['padding_waste']:.0%} | "
                      f"{_mb(k['weight_bytes'] + k['activation_bytes'])} | {k['bound']} | "
                      f"{k['time_us']:.1f} |")

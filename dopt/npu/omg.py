@@ -14,6 +14,7 @@ from ..config import parse_input_shape
 from ..errors import DoptError
 from ..fileio import existing_file, write_json_atomic
 from ..onnx_qdq import load_model
+from .rules import CPU
 
 FRAMEWORKS = {0: "Caffe", 3: "TensorFlow", 5: "ONNX", 6: "MindSpore"}
 
@@ -107,7 +108,7 @@ def run_precheck(a) -> int:
     write_json_atomic(dest, report)
     print(render_text(report))
     print(f"\ncheck report: {dest}")
-    if a.strict and report["summary"]["cpu"]:
+    if a.strict and report["summary"][CPU]:
         _refuse_fallback(report)
     return 0
 
@@ -147,7 +148,7 @@ def run_compile(a) -> int:
                               weight_data_type=a.weight_data_type, op_name_map=op_map,
                               source=a.model)
     report["model"] = a.model
-    if a.strict and report["summary"]["cpu"]:
+    if a.strict and report["summary"][CPU]:
         _refuse_fallback(report)
     print(render_text(report))
     omfile.write_om(dest, om)
@@ -163,7 +164,7 @@ def run_compile(a) -> int:
 
 
 def _refuse_fallback(report) -> None:
-    cpu = [x["node"] for x in report["nodes"] if x["outcome"] == "cpu"]
+    cpu = [x["node"] for x in report["nodes"] if x["outcome"] == CPU]
     raise DoptError(f"{len(cpu)} operator(s) would fall back to the CPU: {', '.join(cpu)}",
                     field="--strict", hint="see the check report for the reasons, or drop "
                     "--strict to compile with a CPU partition")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 from .profile import DEFAULT_PROFILE, HardwareProfile, load_profile
+from .rules import LOW_STARS, rule_text
 
 
 def _cell(text: str) -> str:
@@ -29,13 +30,13 @@ def render_markdown(profile: HardwareProfile) -> str:
         f"{a['fp16_channel_block']} (channel block C0); other sizes are padded.",
         f"- INT8 convolutions (QuantizedConvolution) are fastest when Cin and Cout are multiples "
         f"of {a['int8_channel_block']}.",
-        f"- INT8 only pays when Cin >= {a['int8_min_cin']}; smaller layers stay FP16.",
+        f"- {rule_text('int8_min_cin', profile)}",
         f"- ConcatD/SplitD are eliminated (done in place) when channel offsets are multiples of "
         f"{a['concat_split_inplace_block']}.",
         "- Convolution/ConvolutionDepthwise followed by BNInference, Scale or BiasAdd is fused "
         "into one convolution; shape-only operators are removed at build time.",
-        "- Recommendation is the reference performance guide's 1-5 stars; operators with 2 stars "
-        "or fewer run but are reported as degraded.",
+        f"- Recommendation is the reference performance guide's 1-5 stars; operators with "
+        f"{LOW_STARS} stars or fewer run but are reported as degraded.",
         "",
         "## Operators",
         "",

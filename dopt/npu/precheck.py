@@ -5,7 +5,7 @@ from collections import OrderedDict
 
 from .lower import IRGraph
 from .profile import HardwareProfile
-from .rules import CPU, FUSED, Context, evaluate, runs_int8
+from .rules import CPU, DEGRADED, FUSED, NPU, Context, Outcome, evaluate, runs_int8
 
 
 def precheck(graph: IRGraph, profile: HardwareProfile, int8_nodes=()) -> dict:
@@ -14,14 +14,13 @@ def precheck(graph: IRGraph, profile: HardwareProfile, int8_nodes=()) -> dict:
     for n in graph.nodes:
         outcome, findings = evaluate(n, ctx)
         nodes.append({"node": n.name, "onnx_op": n.onnx_op, "ir_op": n.op,
-                      "int8": outcome != CPU and runs_int8(n, ctx),
-                      "outcome": outcome,
-                      "findings": [{"rule": f.rule, "outcome": f.outcome, "message": f.message,
-                                    "values": f.values, "hint": f.hint} for f in findings]})
+                      "int8": outcome is not CPU and runs_int8(n, ctx),
+                      "outcome": outcome.value,
+                      "findings": [f.as_dict() for f in findings]})
     return {"profile": profile.stamp(), "nodes": nodes, "op_types": _by_op_type(nodes),
             "partitions": _partitions(graph, nodes),
-            "summary": {k: sum(1 for x in nodes if x["outcome"] == k)
-                        for k in ("npu", "npu_degraded", "fused", "cpu")}}
+            "summary": {o.value: sum(1 for x in nodes if x["outcome"] == o)
+                        for o in reversed(Outcome)}}
 
 
 def _by_op_type(nodes: list[dict]) -> list[dict]:
@@ -41,7 +40,7 @@ def _partitions(graph: IRGraph, nodes: list[dict]) -> list[dict]:
     device_of_tensor = {t: "input" for t in graph.inputs}
     parts: list[dict] = []
     for n, x in zip(graph.nodes, nodes):
-        dev = "cpu" if x["outcome"] == CPU else "npu"
+        dev = Outcome(x["outcome"]).device.value
         if x["outcome"] == FUSED and parts:
             dev = parts[-1]["device"]
         if not parts or parts[-1]["device"] != dev:
@@ -62,8 +61,8 @@ def _partitions(graph: IRGraph, nodes: list[dict]) -> list[dict]:
 def render_text(report: dict) -> str:
     s = report["summary"]
     lines = [f"pre-check against {report['profile']['name']} {report['profile']['version']}: "
-             f"{s['npu']} on NPU, {s['npu_degraded']} on NPU degraded, {s['fused']} fused away, "
-             f"{s['cpu']} CPU fallback", "",
+             f"{s[NPU]} on NPU, {s[DEGRADED]} on NPU degraded, {s[FUSED]} fused away, "
+             f"{s[CPU]} CPU fallback", "",
              "| op | count | outcome | reason | nodes |", "|---|---|---|---|---|"]
     for r in report["op_types"]:
         names = ", ".join(r["nodes"][:6]) + (" ..." if len(r["nodes"]) > 6 else "")
@@ -73,7 +72,7 @@ def render_text(report: dict) -> str:
         lines += ["", "details:"]
         for x in details:
             for f in x["findings"]:
-                if f["outcome"] == "fused":
+                if f["outcome"] == FUSED:
                     continue
                 lines.append(f"- {x['node']} ({x['ir_op'] or x['onnx_op']}): {f['message']}"
                              + (f" -> {f['hint']}" if f["hint"] else ""))

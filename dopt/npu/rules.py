@@ -1,30 +1,95 @@
-"""Placement rules: each a small function returning a finding (or None when it passes).
+"""Placement rules: each a small function, registered once, that a node passes or fails.
 
-One registry drives the pre-check report, the partitioner and the tests. A finding
-carries the outcome it implies, the offending values and a fix hint. Outcomes, from
-strongest to weakest: ``cpu`` (falls back), ``fused`` (folded away at build time),
-``npu_degraded`` (runs on the NPU, below its best), else ``npu``.
+The function's name is the rule id and its docstring is the rule text, a template filled
+from the hardware profile (``rule_text``), so the report, the docs and the code cannot
+disagree. A rule returns ``None`` when the node passes (or the rule does not apply) and
+``fail(message, **values)`` with the offending values when it does not; the registry turns
+that into a ``Finding`` carrying the rule's outcome and fix hint. One registry drives the
+pre-check report, the partitioner and the tests; ``python -m dopt.npu.rules --list``
+prints it and ``--write-doc`` writes it into ``docs/npu_precheck.md``.
 """
 from __future__ import annotations
 
+import argparse
+import inspect
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable
+from enum import Enum
 
+from ..errors import DoptError, run_cli
+from ..fileio import existing_file
 from .lower import IRGraph, IRNode
-from .profile import HardwareProfile
+from .profile import DEFAULT_PROFILE, HardwareProfile, load_profile
 
-CPU, FUSED, DEGRADED, NPU = "cpu", "fused", "npu_degraded", "npu"
-PRECEDENCE = {CPU: 3, FUSED: 2, DEGRADED: 1, NPU: 0}
 CONV_OPS = ("Convolution", "ConvolutionDepthwise", "ConvTranspose")
+LOW_STARS = 2  # operators the guide rates this many stars or fewer are reported as degraded
+DOC_BEGIN, DOC_END = "<!-- rules:begin -->", "<!-- rules:end -->"
+
+
+class Device(str, Enum):
+    """Where a kernel runs; the values are what reports and ``.om`` kernels hold."""
+
+    CPU = "cpu"
+    NPU = "npu"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+class Outcome(str, Enum):
+    """A node's placement, strongest first; the values are what reports and ``.om`` files hold.
+
+    A ``str`` enum, so report and file values read back as plain strings compare equal.
+    """
+
+    CPU = "cpu"                 # falls back to the CPU
+    FUSED = "fused"             # folded away at build time
+    DEGRADED = "npu_degraded"   # runs on the NPU, below its best
+    NPU = "npu"                 # runs on the NPU at its best
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @property
+    def device(self) -> Device:
+        """The device the node's kernel runs on; a fused node's host decides where it lives."""
+        return Device.CPU if self is Outcome.CPU else Device.NPU
+
+
+CPU, FUSED, DEGRADED, NPU = Outcome
+
+
+def strongest(outcomes: Iterable[Outcome]) -> Outcome:
+    """The outcome that decides a node's placement: the first in ``Outcome`` order, else NPU."""
+    order = list(Outcome)
+    return min(outcomes, key=order.index, default=NPU)
 
 
 @dataclass
 class Finding:
     rule: str
-    outcome: str
+    outcome: Outcome
     message: str
     values: dict = field(default_factory=dict)
     hint: str = ""
+
+    def as_dict(self) -> dict:
+        """The report's JSON form (plain strings: consumers read the keys, not the enum)."""
+        return {"rule": self.rule, "outcome": self.outcome.value, "message": self.message,
+                "values": self.values, "hint": self.hint}
+
+
+@dataclass(frozen=True)
+class Failed:
+    """What a rule returns when a node breaks it: its own message and the offending values."""
+
+    message: str
+    values: dict = field(default_factory=dict)
+
+
+def fail(message: str, **values) -> Failed:
+    return Failed(message, values)
 
 
 @dataclass
@@ -34,7 +99,69 @@ class Context:
     int8_nodes: frozenset = frozenset()
 
 
-RULES: list[tuple[str, Callable[[IRNode, Context], Finding | None]]] = []
+class _Unfilled(dict):
+    """Leaves a node-specific placeholder visible when a template is rendered without a node."""
+
+    def __missing__(self, key):
+        return f"`{key}`"
+
+
+def profile_facts(profile: HardwareProfile) -> dict:
+    """The values rule texts and hints may name: the profile's alignment and what derives."""
+    facts = {k: v for k, v in profile.alignment.items() if k != "notes"}
+    facts["low_stars"] = LOW_STARS
+    facts["shape_only_ops"] = ", ".join(n for n in profile.operators if profile.is_shape_only(n))
+    return facts
+
+
+def _render(template: str, facts: dict) -> str:
+    """A template on one line (docstrings wrap), its placeholders filled from ``facts``."""
+    return " ".join(inspect.cleandoc(template).split()).format_map(_Unfilled(facts))
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A registered rule; its id and text come from the function, never a second copy."""
+
+    check: Callable[[IRNode, Context], Failed | None]
+    outcome: Outcome
+    hint: str
+
+    @property
+    def id(self) -> str:
+        return self.check.__name__
+
+    def text(self, profile: HardwareProfile) -> str:
+        """The rule in words, numbers from ``profile`` (empty under ``python -OO``)."""
+        return _render(self.check.__doc__ or "", profile_facts(profile))
+
+    def fix(self, profile: HardwareProfile, values: dict | None = None) -> str:
+        """The fix hint; without a node's ``values`` their placeholders stay named."""
+        return _render(self.hint, {**profile_facts(profile), **(values or {})})
+
+    def __call__(self, n: IRNode, ctx: Context) -> Finding | None:
+        failed = self.check(n, ctx)
+        if failed is None:
+            return None
+        return Finding(self.id, self.outcome, failed.message, failed.values,
+                       self.fix(ctx.profile, failed.values))
+
+
+RULES: dict[str, Rule] = {}
+
+
+def rule(outcome: Outcome, hint: str):
+    """Register a rule under its function's name, in evaluation (and report) order."""
+    def register(fn):
+        if fn.__name__ in RULES:
+            raise ValueError(f"placement rule '{fn.__name__}' is registered twice")
+        RULES[fn.__name__] = Rule(fn, outcome, hint)
+        return fn
+    return register
+
+
+def rule_text(rule_id: str, profile: HardwareProfile) -> str:
+    return RULES[rule_id].text(profile)
 
 
 def int8_skipped(cin: int, groups: int, profile: HardwareProfile) -> bool:
@@ -48,7 +175,7 @@ def int8_skipped(cin: int, groups: int, profile: HardwareProfile) -> bool:
 
 
 def int8_skip_reason(cin: int, profile: HardwareProfile) -> str:
-    """Why a layer ``int8_skipped`` stays float, in the words adapters log."""
+    """Why a layer ``int8_skipped`` stays float, in the words adapters log and reports show."""
     return f"Cin={cin} <= {profile.alignment['int8_min_cin'] - 1}: the NPU runs it in FP16"
 
 
@@ -60,13 +187,6 @@ def int8_requested_but_too_narrow(n: IRNode, ctx: Context) -> bool:
 
 def runs_int8(n: IRNode, ctx: Context) -> bool:
     return n.name in ctx.int8_nodes and not int8_requested_but_too_narrow(n, ctx)
-
-
-def rule(name: str):
-    def register(fn):
-        RULES.append((name, fn))
-        return fn
-    return register
 
 
 def pad_channels(c: int, block: int) -> int:
@@ -83,59 +203,58 @@ def padding_waste(cin: int, cout: int, block: int, depthwise: bool = False) -> f
     return 1.0 - (cin * cout) / (pad_channels(cin, block) * pad_channels(cout, block))
 
 
-@rule("unsupported_op")
-def unsupported_op(n: IRNode, ctx: Context):
+@rule(CPU, hint="express it with supported operators (see docs/npu_operators.md) or accept "
+               "the CPU partition")
+def unsupported_op(n: IRNode, ctx: Context) -> Failed | None:
+    """The hardware profile must have an NPU operator for the node's ONNX operator; a node
+    without one falls back to the CPU."""
     if n.op is None or ctx.profile.op(n.op) is None:
-        return Finding("unsupported_op", CPU, f"no NPU operator for ONNX {n.onnx_op}",
-                       {"onnx_op": n.onnx_op},
-                       "express it with supported operators (see docs/npu_operators.md) or "
-                       "accept the CPU partition")
+        return fail(f"no NPU operator for ONNX {n.onnx_op}", onnx_op=n.onnx_op)
 
 
-@rule("fused_into_conv")
-def fused_into_conv(n: IRNode, ctx: Context):
+@rule(FUSED, hint="none needed: folded into the convolution's weights and bias at build time, "
+                 "at no run-time cost")
+def fused_into_conv(n: IRNode, ctx: Context) -> Failed | None:
+    """BatchNormalization, a per-channel Mul (Scale) or a per-channel Add (BiasAdd) right
+    after a convolution (or after one already folded into it) is folded into that
+    convolution."""
     if n.fused_into:
-        return Finding("fused_into_conv", FUSED,
-                       f"{n.attrs.get('fused_as', n.op)} folded into {n.fused_into}",
-                       {"into": n.fused_into}, "none needed: folded into the convolution's "
-                       "weights and bias at build time, at no run-time cost")
+        return fail(f"{n.attrs.get('fused_as', n.op)} folded into {n.fused_into}",
+                    into=n.fused_into)
 
 
-@rule("shape_only")
-def shape_only(n: IRNode, ctx: Context):
+@rule(FUSED, hint="none needed: the data is reinterpreted in place")
+def shape_only(n: IRNode, ctx: Context) -> Failed | None:
+    """Operators that only change the shape ({shape_only_ops}; Identity, Dropout and a Flatten
+    of a 1×1 map lower to Reshape) are removed at build time."""
     if n.op and ctx.profile.is_shape_only(n.op):
-        return Finding("shape_only", FUSED, f"{n.op} only changes the shape: removed at build",
-                       {}, "none needed: the data is reinterpreted in place")
+        return fail(f"{n.op} only changes the shape: removed at build")
 
 
-@rule("int8_min_cin")
-def int8_min_cin(n: IRNode, ctx: Context):
-    min_cin = ctx.profile.alignment["int8_min_cin"]
+@rule(DEGRADED, hint="leave this layer float in the config: the NPU runs it in FP16 either way")
+def int8_min_cin(n: IRNode, ctx: Context) -> Failed | None:
+    """INT8 only pays when Cin >= {int8_min_cin}; smaller layers stay FP16."""
     if int8_requested_but_too_narrow(n, ctx):
-        return Finding("int8_min_cin", DEGRADED,
-                       f"INT8 skipped: Cin {n.attrs['cin']} <= {min_cin - 1}, the layer runs "
-                       f"in FP16",
-                       {"cin": n.attrs["cin"]},
-                       "INT8 pays from Cin > 16; leave this layer float in the config")
+        cin = n.attrs["cin"]
+        return fail(f"INT8 skipped ({int8_skip_reason(cin, ctx.profile)})", cin=cin)
 
 
-@rule("conv_channel_alignment")
-def conv_channel_alignment(n: IRNode, ctx: Context):
+@rule(DEGRADED, hint="use channel counts that are multiples of {block}")
+def conv_channel_alignment(n: IRNode, ctx: Context) -> Failed | None:
+    """Convolution channels (Cin and Cout; Cout alone for depthwise) should be multiples of
+    {fp16_channel_block} in FP16 and {int8_channel_block} in INT8; other sizes are padded,
+    and the padding costs MACs."""
     if n.op not in CONV_OPS or n.attrs.get("cin", -1) <= 0:
         return None
     int8 = runs_int8(n, ctx)
     block = ctx.profile.channel_block(int8)
     cin, cout = n.attrs["cin"], n.attrs["cout"]
     dw = n.op == "ConvolutionDepthwise"
-    bad = [c for c in ((cout,) if dw else (cin, cout)) if c % block]
-    if bad:
+    if any(c % block for c in ((cout,) if dw else (cin, cout))):
         waste = padding_waste(cin, cout, block, dw)
-        return Finding("conv_channel_alignment", DEGRADED,
-                       f"{'INT8' if int8 else 'FP16'} convolution channels not a multiple of "
-                       f"{block}: {waste:.0%} of MACs are padding",
-                       {"cin": cin, "cout": cout, "block": block,
-                        "padding_waste": round(waste, 4)},
-                       f"use channel counts that are multiples of {block}")
+        return fail(f"{'INT8' if int8 else 'FP16'} convolution channels not a multiple of "
+                    f"{block}: {waste:.0%} of MACs are padding",
+                    cin=cin, cout=cout, block=block, padding_waste=round(waste, 4))
 
 
 def _channel_sizes(dims_list, axis):
@@ -147,8 +266,10 @@ def _channel_sizes(dims_list, axis):
     return sizes
 
 
-@rule("concat_split_in_place")
-def concat_split_in_place(n: IRNode, ctx: Context):
+@rule(DEGRADED, hint="make every branch's channel count a multiple of {block}")
+def concat_split_in_place(n: IRNode, ctx: Context) -> Failed | None:
+    """ConcatD/SplitD on the channel axis of a 4-D tensor runs in place (no kernel) only when
+    every channel offset is a multiple of {concat_split_inplace_block}."""
     if n.op not in ("ConcatD", "SplitD"):
         return None
     block = ctx.profile.alignment["concat_split_inplace_block"]
@@ -162,25 +283,92 @@ def concat_split_in_place(n: IRNode, ctx: Context):
     if sizes is None:
         return None
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    bad = [o for o in offsets + [sum(sizes)] if o % block]
-    if bad:
-        return Finding("concat_split_in_place", DEGRADED,
-                       f"{n.op} not in place: channel offsets {offsets} are not multiples of "
-                       f"{block}", {"channels": sizes, "offsets": offsets, "block": block},
-                       f"make every branch's channel count a multiple of {block}")
+    if any(o % block for o in offsets + [sum(sizes)]):
+        return fail(f"{n.op} not in place: channel offsets {offsets} are not multiples of "
+                    f"{block}", channels=sizes, offsets=offsets, block=block)
 
 
-@rule("low_recommendation")
-def low_recommendation(n: IRNode, ctx: Context):
+@rule(DEGRADED, hint="avoid it on the hot path or replace it with a better-rated operator")
+def low_recommendation(n: IRNode, ctx: Context) -> Failed | None:
+    """Operators the operator guide rates {low_stars} stars or fewer run on the NPU, but
+    slowly."""
     entry = n.op and ctx.profile.op(n.op)
-    if entry and entry["stars"] <= 2:
-        return Finding("low_recommendation", DEGRADED,
-                       f"{n.op} is rated {'☆' * entry['stars']} by the operator guide: "
-                       f"{entry['guide_en']}", {"stars": entry["stars"]},
-                       "avoid it on the hot path or replace it with a better-rated operator")
+    if entry and entry["stars"] <= LOW_STARS:
+        return fail(f"{n.op} is rated {'☆' * entry['stars']} by the operator guide: "
+                    f"{entry['guide_en']}", stars=entry["stars"])
 
 
-def evaluate(n: IRNode, ctx: Context) -> tuple[str, list[Finding]]:
-    findings = [f for _, fn in RULES if (f := fn(n, ctx)) is not None]
-    outcome = max((f.outcome for f in findings), key=PRECEDENCE.get, default=NPU)
-    return outcome, findings
+def evaluate(n: IRNode, ctx: Context) -> tuple[Outcome, list[Finding]]:
+    findings = [f for r in RULES.values() if (f := r(n, ctx)) is not None]
+    return strongest(f.outcome for f in findings), findings
+
+
+# -- the registry as a document ------------------------------------------------------------
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render_markdown(profile: HardwareProfile) -> str:
+    """The registry as a markdown table, rule texts and hints filled from ``profile``."""
+    lines = ["| rule | outcome | rule text | fix hint |", "|---|---|---|---|"]
+    for r in RULES.values():
+        lines.append(f"| `{r.id}` | `{r.outcome.value}` | {_cell(r.text(profile))} | "
+                     f"{_cell(r.fix(profile))} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_text(profile: HardwareProfile) -> str:
+    lines = []
+    for r in RULES.values():
+        lines += [f"{r.id} ({r.outcome.value}): {r.text(profile)}", f"  fix: {r.fix(profile)}"]
+    return "\n".join(lines) + "\n"
+
+
+def _split_doc(doc: str, path: str | None = None) -> tuple[str, str, str]:
+    """(text up to the begin marker's line, the table, the end marker onwards)."""
+    head, begin, rest = doc.partition(DOC_BEGIN + "\n")
+    table, end, tail = rest.partition(DOC_END)
+    if not begin or not end:
+        raise DoptError("the doc has no rule table markers", file=path,
+                        expected=f"a line {DOC_BEGIN} and, below it, {DOC_END}",
+                        hint="add both marker lines where the table belongs")
+    return head + begin, table, end + tail
+
+
+def doc_table(doc: str) -> str:
+    """The text between the rule-table markers of a doc."""
+    return _split_doc(doc)[1]
+
+
+def write_doc(path: str, profile: HardwareProfile) -> None:
+    """Replace the table between the markers of ``path`` with the registry's."""
+    p = existing_file(path, field="--write-doc", max_bytes=1 << 20, what="doc")
+    head, _, tail = _split_doc(p.read_text(encoding="utf-8"), path)
+    p.write_text(head + render_markdown(profile) + tail, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dopt.npu.rules",
+                                 description="The NPU placement rule registry.")
+    ap.add_argument("--list", action="store_true", help="print the registry (the default)")
+    ap.add_argument("--profile", default=DEFAULT_PROFILE, help="hardware profile name or path")
+    ap.add_argument("--format", choices=("markdown", "text"), default="markdown")
+    ap.add_argument("--write-doc", metavar="PATH",
+                    help=f"rewrite the table between {DOC_BEGIN} and {DOC_END} in PATH")
+    a = ap.parse_args(argv)
+
+    def body() -> int:
+        profile = load_profile(a.profile)
+        if a.write_doc:
+            write_doc(a.write_doc, profile)
+            return 0
+        text = (render_markdown if a.format == "markdown" else render_text)(profile)
+        sys.stdout.buffer.write(text.encode("utf-8"))
+        sys.stdout.flush()
+        return 0
+
+    return run_cli(ap.prog, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -81,8 +81,10 @@ def flow(tmp_path_factory):
     d = tmp_path_factory.mktemp("tf1")
     X, Y = _data()
     res = {"dir": d, "X": X}
-    # float model, trained two steps, saved
+    # float model, trained two steps, saved. Every graph is seeded: the outcome (which ranges
+    # a few LSQ steps move by more than a float32 ulp) must not depend on a random init
     with tf.Graph().as_default(), v1.Session() as sess:
+        v1.set_random_seed(0)
         x, out = build_cnn()
         lab, loss = _loss(out)
         step = v1.train.AdamOptimizer(1e-2).minimize(loss)
@@ -100,6 +102,7 @@ def flow(tmp_path_factory):
     (d / "config.json").write_text(json.dumps(cfg))
     # optimize + restore the float checkpoint, calibrate, QAT, save
     with tf.Graph().as_default() as g, v1.Session() as sess:
+        v1.set_random_seed(1)
         x, out = build_cnn()
         quant_flag = v1.placeholder(tf.int32)
         is_train_flag = v1.placeholder(tf.bool, name="is_train")
@@ -123,6 +126,9 @@ def flow(tmp_path_factory):
         feed = {x: X, lab: Y, quant_flag: 1}
         sess.run(step, {**feed, is_train_flag: False})
         res["after_frozen_step"] = _ranges(sess)
+        rng = [(g_, v) for g_, v in grads if v.op.name.endswith(("dopt_act/lo", "dopt_act/hi"))]
+        res["range_grads"] = {v.op.name: float(sess.run(g_, {**feed, is_train_flag: True}))
+                              for g_, v in rng if g_ is not None}
         res["losses"] = [sess.run([loss, qloss, step], {**feed, is_train_flag: True})[:2]
                          for _ in range(3)]
         res["trained"] = _ranges(sess)
@@ -175,6 +181,7 @@ def test_calibration_sets_minmax_ranges(flow):
 
 def test_ranges_learn_only_with_is_train_flag(flow):
     assert flow["after_frozen_step"] == flow["calibrated"]  # SGD, is_train_flag False
+    assert any(g != 0 for g in flow["range_grads"].values()), flow["range_grads"]
     moved = [k for k in flow["trained"] if flow["trained"][k] != flow["calibrated"][k]]
     assert moved, "no range moved in QAT"
     for loss, qloss in flow["losses"]:

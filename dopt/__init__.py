@@ -3,6 +3,10 @@
 The top-level functions are the reference tool's five operations; each
 dispatches to the installed adapter that claims the model object. ``import
 dopt`` needs no framework: adapters import theirs only when called.
+
+``**options`` are the adapter's own keyword options (``dopt_adapter_info()["options"]``,
+e.g. the TF1 API's ``is_train_flag`` / ``quant_flag``); a name the adapter does not
+accept is a ``DoptError`` naming it and listing the accepted ones.
 """
 from __future__ import annotations
 
@@ -20,13 +24,17 @@ def _call(op, model, **kw):
 
 
 def generate_config_file(model, input_shape=None, dst_path="./config_gen.json", **options):
-    """Write the per-layer quantization strategy JSON for ``model`` (all layers ``float``)."""
+    """Write the per-layer quantization strategy JSON for ``model`` (all layers ``float``).
+
+    ``options``: the adapter's keyword options for ``generate_config_file`` (checked)."""
     return _call("generate_config_file", model, dst_path=dst_path, input_shape=input_shape,
                  options=options)
 
 
 def optimize_model(model, config_path, **options):
-    """Insert fake-quant on the layers the config marks ``Quant_INT8-8``; returns the model."""
+    """Insert fake-quant on the layers the config marks ``Quant_INT8-8``; returns the model.
+
+    ``options``: the adapter's keyword options for ``optimize_model`` (checked)."""
     return _call("optimize_model", model, config_path=config_path, options=options)
 
 
@@ -41,6 +49,8 @@ def get_quant_loss(model):
 
 
 def generate_final_model(model, config_file, pth_file="quant.pth", output_dir="./", **options):
-    """From a fresh float model and the quant checkpoint, write the deployable model files."""
+    """From a fresh float model and the quant checkpoint, write the deployable model files.
+
+    ``options``: the adapter's keyword options for ``generate_final_model`` (checked)."""
     return _call("generate_final_model", model, config_file=config_file, weights_file=pth_file,
                  output_dir=output_dir, options=options)

@@ -8,6 +8,7 @@ far (the caller says so in its log); a second one aborts.
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -22,16 +23,35 @@ DEFAULT_ALGORITHM = "mse"
 
 
 def resolve_algorithm(name: str | None, *, file: str | None = None,
-                      field: str = "calibration_algorithm") -> str:
-    """``None``/``""``/``"auto"`` -> the measured default; otherwise an installed algorithm."""
+                      field: str | None = "calibration_algorithm", layer: str | None = None,
+                      default: str | None = DEFAULT_ALGORITHM) -> str:
+    """The installed activation-range algorithm ``name``; the ONE check of such a name.
+
+    ``None``, ``""`` and ``"auto"`` give ``default`` (the measured default; pass
+    ``default=None`` where "auto" has no meaning, e.g. a QAT config that names its
+    algorithm). Any other name must be a key of ``plugin_manager.range_algorithms()``
+    (the core's and the plugins'); otherwise a ``DoptError`` in the file / field / layer
+    given, listing the installed names, the closest one and plugins that failed to load.
+    """
+    if default is not None and (not name or name == "auto"):
+        return default
     algs = plugin_manager.range_algorithms()
-    if not name or name == "auto":
-        return DEFAULT_ALGORITHM
-    if name not in algs:
-        raise DoptError(f"unknown calibration algorithm '{name}'", file=file, field=field,
-                        expected="auto or one of " + ", ".join(sorted(algs)),
-                        hint="`dopt adapters` lists the installed algorithms")
-    return name
+    if isinstance(name, str) and name in algs:
+        return name
+    close = difflib.get_close_matches(str(name), list(algs), n=1)
+    raise DoptError(
+        f"unknown activation range algorithm {name!r}"
+        + (f" for layer '{layer}'" if layer else ""), file=file, field=field,
+        expected=("auto or one of " if default is not None else "one of ")
+        + ", ".join(sorted(algs)) + (f" (did you mean '{close[0]}'?)" if close else ""),
+        hint="`dopt adapters` lists the installed algorithms; one a plugin provides needs "
+             "that plugin installed" + plugin_manager.broken_note())
+
+
+def range_observer(name: str | None, **where) -> Callable[[], object]:
+    """The observer factory of algorithm ``name`` (checked by ``resolve_algorithm``, which
+    gets ``where``: ``file``, ``field``, ``layer``, ``default``)."""
+    return plugin_manager.range_algorithms()[resolve_algorithm(name, **where)]
 
 
 @dataclass
@@ -55,7 +75,7 @@ def calibrate(run: Callable[[dict], dict], feeds: Iterable[dict], *, tensors: li
     """Run every feed, update one observer per tensor; return ranges and channel means."""
     from tqdm import tqdm
 
-    factory = plugin_manager.range_algorithms()[algorithm]
+    factory = range_observer(algorithm, field=None)
     observers = {t: factory() for t in tensors}
     means = {t: ChannelMeanObserver(ax) for t, ax in (channel_axes or {}).items()}
     samples = batches = 0

@@ -42,11 +42,36 @@ def run_cli(prog: str, fn, *, interrupted: str = "interrupted") -> int:
         return 130
 
 
+#: The ``dopt`` pip extras (``pyproject.toml`` ``[project.optional-dependencies]``) by the
+#: adapter that needs them and by the top-level module a framework's objects come from. The
+#: one source of every install hint (``install_hint``); an adapter's own
+#: ``dopt_adapter_info()["extra"]`` must agree (tests/test_hook_contracts.py checks both).
+EXTRAS: dict[str, str] = {
+    # adapter names (dopt_adapter_info()["name"]); "torch" and "onnx" are module names too
+    "torch": "torch", "onnx": "onnx", "tensorflow": "tf", "llm": "llm",
+    # top-level modules of framework objects and of the packages an extra brings
+    "keras": "tf", "tf_keras": "tf", "tf2onnx": "tf", "onnxruntime": "onnx",
+    "transformers": "llm", "gguf": "llm", "accelerate": "llm",
+}
+
+
+def extra_for(name: str) -> str | None:
+    """The ``dopt`` extra for an adapter or module name (``tensorflow`` -> ``tf``), or None."""
+    return EXTRAS.get(name.split(".")[0]) if name else None
+
+
+def install_hint(extra: str) -> str:
+    """``pip install 'dopt[<extra>]'``, with the CPU-build note for torch."""
+    hint = f"pip install 'dopt[{extra}]'"
+    if extra == "torch":
+        hint += " (for torch install the CPU build first: pip install torch==2.13.0)"
+    return hint
+
+
 class MissingExtraError(DoptError):
     """A framework the operation needs is not installed."""
 
     def __init__(self, package: str, extra: str, purpose: str):
         super().__init__(
             f"{purpose} needs the Python package '{package}', which is not installed",
-            hint=f"pip install 'dopt[{extra}]' (for torch install the CPU build first: "
-                 f"pip install torch==2.13.0)" if extra == "torch" else f"pip install 'dopt[{extra}]'")
+            hint=install_hint(extra))

@@ -82,10 +82,14 @@ def installed_plugin(tmp_path_factory):
 
 
 def test_installed_plugin_is_discovered(installed_plugin):
-    code = "from dopt import plugin_manager as pm; print(sorted(pm.range_algorithms()))"
+    code = ("from dopt import plugin_manager as pm; print(sorted(pm.range_algorithms())); "
+            "m = pm.get_plugin_manager(); m.check_pending(); print('BROKEN', m.broken); "
+            "print('ACIQ', m.get_plugin('aciq') is not None)")
     r = run_py(code, {"PYTHONPATH": str(installed_plugin)}, cwd=installed_plugin)
     assert r.returncode == 0, r.stderr
     assert "'aciq'" in r.stdout and "'aciq_gauss'" in r.stdout and "'minmax'" in r.stdout
+    # it passed the registration check (hook names against dopt/hookspecs.py)
+    assert "BROKEN {}" in r.stdout and "ACIQ True" in r.stdout
     r = run_py(code)  # without it: not there, while the core's own algorithms are
     assert "aciq" not in r.stdout
     for name in ("minmax", "ema_minmax", "percentile", "entropy", "mse"):

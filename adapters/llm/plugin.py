@@ -2,6 +2,8 @@
 
 Importing this module imports neither torch nor transformers: a HuggingFace model can only
 exist once transformers is imported, and the path-based pipeline hooks import lazily.
+Operations are called only for this adapter (the plugin manager dispatches on the
+``adapter`` argument), so they neither take nor test it.
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import sys
 from dopt.hookspecs import hookimpl
 
 NAME = "llm"
+#: Keyword options passed on to ``model_opt.optimize_model`` (checked by the plugin manager).
+OPTIONS: dict[str, tuple[str, ...]] = {"optimize_model": ("cli_defaults", "data")}
 
 
 @hookimpl
@@ -18,7 +22,8 @@ def dopt_adapter_info():
             "accepts": "a transformers causal LM (AutoModelForCausalLM)",
             "operations": ["optimize_model", "set_quant_state", "set_calibrate_state",
                            "set_run_mode", "llm_quant_pipline"],
-            "strategies": ["Quant_INT16-4"]}
+            "strategies": ["Quant_INT16-4"],
+            "options": {op: list(names) for op, names in OPTIONS.items()}}
 
 
 @hookimpl
@@ -30,41 +35,31 @@ def dopt_claim_model(model):
 
 
 @hookimpl
-def dopt_optimize_model(adapter, model, config_path, options):
-    if adapter != NAME:
-        return None
+def dopt_optimize_model(model, config_path, options):
     from .model_opt import optimize_model
-    return optimize_model(model, config_path)
+    return optimize_model(model, config_path, **options)
 
 
 @hookimpl
-def dopt_set_calibrate_state(adapter, model, calibrate):
-    if adapter != NAME:
-        return None
+def dopt_set_calibrate_state(model, calibrate):
     from .model_opt import set_calibrate_state
     return set_calibrate_state(model, calibrate)
 
 
 @hookimpl
-def dopt_set_quant_state(adapter, model, weight_state, input_state):
-    if adapter != NAME:
-        return None
+def dopt_set_quant_state(model, weight_state, input_state):
     from .model_opt import set_quant_state
     return set_quant_state(model, weight_state, input_state)
 
 
 @hookimpl
-def dopt_set_run_mode(adapter, model, mode):
-    if adapter != NAME:
-        return None
+def dopt_set_run_mode(model, mode):
     from .model_opt import set_run_mode
     return set_run_mode(model, mode)
 
 
 @hookimpl
-def dopt_llm_generate_config(adapter, model_path, dst_path, defaults):
-    if adapter != NAME:
-        return None
+def dopt_llm_generate_config(model_path, dst_path, defaults):
     from .hf_model import load_causal_lm
     from .model_opt import generate_config
     model, _ = load_causal_lm(model_path)
@@ -72,8 +67,6 @@ def dopt_llm_generate_config(adapter, model_path, dst_path, defaults):
 
 
 @hookimpl
-def dopt_llm_run_stage(adapter, job):
-    if adapter != NAME:
-        return None
+def dopt_llm_run_stage(job):
     from .pipeline import run_stage
     return run_stage(job)

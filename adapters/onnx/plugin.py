@@ -16,7 +16,8 @@ def dopt_adapter_info():
     return {"name": NAME, "framework": "ONNX", "extra": "onnx",
             "accepts": "an .onnx file (dopt_so --framework 5) or an onnx.ModelProto",
             "operations": ["quantize_file (dopt_so)"],
-            "strategies": ["float", "Quant_INT8-8"]}
+            "strategies": ["float", "Quant_INT8-8"],
+            "options": {}}  # no reference operation, so no keyword options
 
 
 @hookimpl

@@ -3,6 +3,11 @@
 Two front doors share one set of hooks: a Keras 3 model (the native path) and a
 ``tf.compat.v1.Session`` (the reference's TF1 API, whose extra arguments travel in
 ``options``). Importing this module must not import TensorFlow.
+
+Operations are called only for this adapter (the plugin manager dispatches on the
+``adapter`` argument), so they neither take nor test it. ``options`` arrive checked
+against ``OPTIONS``; the TF1 ones are refused for a Keras model unless ``None`` (the
+default ``dopt.dopt_tf.opt_main`` passes for both front doors).
 """
 from __future__ import annotations
 
@@ -13,6 +18,14 @@ from dopt.hookspecs import hookimpl
 
 NAME = "tensorflow"
 TF_SUFFIXES = (".pb", ".keras")
+#: Keyword options each operation accepts: the TF1 API's extra arguments
+#: (``tf1_api.optimize_model``, ``tf1_export.generate_final_model``). The Keras functions
+#: (``keras_api``, ``keras_export``) take none beyond the hook's own arguments.
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "generate_config_file": (),
+    "optimize_model": ("is_train_flag", "quant_flag"),
+    "generate_final_model": ("output_name_list",),
+}
 
 
 @hookimpl
@@ -23,7 +36,8 @@ def dopt_adapter_info():
                            "get_quant_loss", "generate_final_model",
                            "quantize_file (dopt_so --framework 3)",
                            "convert_model (dopt omg --framework 3)"],
-            "strategies": ["float", "Quant_INT8-8"]}
+            "strategies": ["float", "Quant_INT8-8"],
+            "options": {op: list(names) for op, names in OPTIONS.items()}}
 
 
 def _is_session(model) -> bool:
@@ -41,33 +55,40 @@ def dopt_claim_model(model):
     return NAME if _is_session(model) or _is_keras(model) else None
 
 
+def _keras_options(op: str, options) -> dict:
+    """The options for the Keras path: TF1-only ones must be unset (``None``)."""
+    from dopt.errors import DoptError
+    tf1_only = OPTIONS.get(op, ())
+    given = [k for k in tf1_only if options.get(k) is not None]
+    if given:
+        raise DoptError(f"{op} option '{given[0]}' applies to a tf.compat.v1.Session only",
+                        field=given[0], found="a Keras model",
+                        hint=f"drop {', '.join(given)} for a Keras model")
+    return {k: v for k, v in options.items() if k not in tf1_only}
+
+
 @hookimpl
-def dopt_generate_config_file(adapter, model, dst_path, input_shape, options):
-    if adapter != NAME:
-        return None
+def dopt_generate_config_file(model, dst_path, input_shape, options):
     if _is_session(model):
         from .tf1_api import generate_config_file
-        return generate_config_file(model, dst_path)
+        return generate_config_file(model, dst_path, **options)
     from .keras_api import generate_config_file
-    return generate_config_file(model, dst_path, input_shape)
+    return generate_config_file(model, dst_path, input_shape,
+                                **_keras_options("generate_config_file", options))
 
 
 @hookimpl
-def dopt_optimize_model(adapter, model, config_path, options):
-    if adapter != NAME:
-        return None
+def dopt_optimize_model(model, config_path, options):
     if _is_session(model):
         from .tf1_api import optimize_model
         return optimize_model(model, config_path, options.get("is_train_flag"),
                               options.get("quant_flag"))
     from .keras_api import optimize_model
-    return optimize_model(model, config_path)
+    return optimize_model(model, config_path, **_keras_options("optimize_model", options))
 
 
 @hookimpl
-def dopt_set_calibrate_state(adapter, model, calibrate):
-    if adapter != NAME:
-        return None
+def dopt_set_calibrate_state(model, calibrate):
     if _is_session(model):
         from .tf1_api import set_calibrate_state
     else:
@@ -77,9 +98,7 @@ def dopt_set_calibrate_state(adapter, model, calibrate):
 
 
 @hookimpl
-def dopt_get_quant_loss(adapter, model):
-    if adapter != NAME:
-        return None
+def dopt_get_quant_loss(model):
     if _is_session(model):
         from .tf1_api import get_quant_loss
     else:
@@ -88,15 +107,14 @@ def dopt_get_quant_loss(adapter, model):
 
 
 @hookimpl
-def dopt_generate_final_model(adapter, model, config_file, weights_file, output_dir, options):
-    if adapter != NAME:
-        return None
+def dopt_generate_final_model(model, config_file, weights_file, output_dir, options):
     if _is_session(model):
         from .tf1_export import generate_final_model
         return generate_final_model(model, config_file, options.get("output_name_list"),
                                     weights_file, output_dir)
     from .keras_export import generate_final_model
-    return generate_final_model(model, config_file, weights_file, output_dir)
+    return generate_final_model(model, config_file, weights_file, output_dir,
+                                **_keras_options("generate_final_model", options))
 
 
 def _tf_file(model_path) -> bool:
@@ -110,9 +128,7 @@ def dopt_claim_file(framework, model_path):
 
 
 @hookimpl
-def dopt_quantize_file(adapter, job):
-    if adapter != NAME:
-        return None
+def dopt_quantize_file(job):
     from .so import quantize_job
     return quantize_job(job)
 

@@ -5,7 +5,7 @@ Same program as the ``dopt_so`` command and ``python -m dopt.dopt_so``.
 """
 import sys
 
-from dopt.dopt_so import main
+from dopt.cli.dopt_so import main
 
 if __name__ == "__main__":
     sys.exit(main())

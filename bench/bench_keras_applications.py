@@ -59,7 +59,7 @@ def _report(path: Path) -> dict:
 
 def run_model(name: str, work: Path) -> dict:
     import keras
-    from dopt.calibset import write_bin610
+    from dopt.calib.sets import write_bin610
     size = SIZES[name]
     m = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3))
     m.save(work / f"{name}.keras")

@@ -148,7 +148,7 @@ def run_model(name, a, xtr, ytr, xte, yte) -> dict:
     pred_npu = runtime.load(str(work / "int8.om")).predict(xte).argmax(1)
     r["npu_int8"] = acc(pred_npu, yte)
     r["npu_vs_fake_quant"] = float(100 * (pred_npu == pred_q).mean())
-    from dopt.onnx_qdq import ort_session
+    from dopt.formats.qdq import ort_session
     s = ort_session(files["qdq_onnx"])
     iname = s.get_inputs()[0].name
     pred_qdq = np.concatenate([s.run(None, {iname: xte[i:i + 1000]})[0].argmax(1)

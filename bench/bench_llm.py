@@ -3,7 +3,7 @@
     python -m bench.bench_llm                      # the documented setting (docs/benchmarks.md)
     python -m bench.bench_llm --quick              # a smoke run (few samples, few tokens)
 
-Rows: float; RTN asymmetric (dopt.lowbit min/max) g128 / g64; the labelled reference GPTQ in
+Rows: float; RTN asymmetric (dopt.quant.lowbit min/max) g128 / g64; the labelled reference GPTQ in
 ``bench/llm_baselines.py`` g128 / g64; dopt stage 1 without training (clip search,
 ``kd.enable: False``) and with learned clipping + block-output distillation
 (``kd.enable: True``), g128 / g64; and the full ``Quant_INT16-4`` pipeline (stages 1-3,
@@ -86,7 +86,7 @@ def write_yaml(path: Path, cfg: dict) -> None:
 
 def dopt_config_for(model, path: Path, group: int, with_embedding: bool) -> None:
     from dopt.dopt_llm.config import default_dopt_config
-    from dopt.fileio import write_json_atomic
+    from dopt.formats.fileio import write_json_atomic
     from dopt_adapters.llm.model_opt import quantizable_layers
     layers, _ = quantizable_layers(model)
     if not with_embedding:

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from demos.fashion_mnist import data, demo
-from dopt import onnx_qdq, runtime
+from dopt import runtime
+from dopt.formats import qdq as onnx_qdq
 from dopt.dopt_torch.opt_main import generate_final_model
 from dopt.npu import omg
 

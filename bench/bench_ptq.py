@@ -178,7 +178,7 @@ def export_efficientnet(path: Path, check_x: np.ndarray) -> dict:
 def _session(path, threads: int = 0):
     """CPU session, graph optimizations off (runs QDQ as written); dopt's helper if present."""
     try:
-        from dopt.onnx_qdq import ort_session
+        from dopt.formats.qdq import ort_session
         return ort_session(str(path), optimize=False, threads=threads)
     except ImportError:
         import onnxruntime as ort

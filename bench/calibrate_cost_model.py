@@ -233,13 +233,14 @@ def render(result: dict) -> str:
              "| model | input | GMACs | FP16 measured ms | FP16 estimated ms | error | "
              "INT8 measured ms | INT8 estimated ms | error | leave-one-out error FP16 / INT8 |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    def err(r, p):
+        return f"{r[f'{p}_error_pct']:+.1f} %" + ("" if r[f"{p}_in_fit"] else " (not fitted)")
+
     for r in result["models"]:
-        def err(p):
-            return f"{r[f'{p}_error_pct']:+.1f} %" + ("" if r[f"{p}_in_fit"] else " (not fitted)")
         lines.append(f"| {r['model']} | {r['input']} | {r['gmacs']:.2f} | "
-                     f"{r['fp16_measured_ms']:.2f} | {r['fp16_estimated_ms']:.2f} | {err('fp16')} "
+                     f"{r['fp16_measured_ms']:.2f} | {r['fp16_estimated_ms']:.2f} | {err(r, 'fp16')} "
                      f"| {r['int8_measured_ms']:.2f} | {r['int8_estimated_ms']:.2f} | "
-                     f"{err('int8')} | {r['fp16_loo_error_pct']:+.0f} % / "
+                     f"{err(r, 'int8')} | {r['fp16_loo_error_pct']:+.0f} % / "
                      f"{r['int8_loo_error_pct']:+.0f} % |")
     s = result["summary"]
     lines += ["", "| median abs error | FP16 | INT8 |", "|---|---|---|"]

@@ -1,7 +1,7 @@
 """Weight-only low-bit baselines for a HuggingFace Llama-style causal LM: RTN and GPTQ.
 
 They are what the LLM perplexity benchmark compares dopt against, so both produce exactly
-dopt's weight format (``dopt.lowbit``): asymmetric unsigned codes, groups of consecutive
+dopt's weight format (``dopt.quant.lowbit``): asymmetric unsigned codes, groups of consecutive
 input columns of each output row (the last group shorter when ``group_size`` does not divide
 ``in_features``), min/max range without clipping. Only the ``torch.nn.Linear`` modules of
 the decoder blocks (``model.model.layers``) are quantized; embedding, final norm and
@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from dopt.lowbit import MIN_RANGE, fake_quant_weight, group_bounds, qmax
+from dopt.quant.lowbit import MIN_RANGE, fake_quant_weight, group_bounds, qmax
 
 
 def _decoder_linears(model, skip=()):
@@ -37,7 +37,7 @@ def _decoder_linears(model, skip=()):
 
 @torch.no_grad()
 def rtn_quantize_(model, bits: int = 4, group_size: int = 128, skip=("lm_head",)) -> dict:
-    """Round-to-nearest with ``dopt.lowbit.fake_quant_weight`` (the specification itself, so
+    """Round-to-nearest with ``dopt.quant.lowbit.fake_quant_weight`` (the specification itself, so
     the baseline cannot drift from the format), in place. Returns counts."""
     linears = _decoder_linears(model, skip)
     n_weights = 0
@@ -53,7 +53,7 @@ def rtn_quantize_(model, bits: int = 4, group_size: int = 128, skip=("lm_head",)
 # --- GPTQ on one weight matrix -------------------------------------------------------------
 
 def _group_qparams(w: torch.Tensor, bits: int):
-    """``(scale, zero)`` per row of ``w`` [out, g] with the ``dopt.lowbit`` formulas in
+    """``(scale, zero)`` per row of ``w`` [out, g] with the ``dopt.quant.lowbit`` formulas in
     float32 (torch's ``round`` is half-to-even like ``np.rint``)."""
     levels = float(qmax(bits))
     scale = (w.amax(dim=1) - w.amin(dim=1)).clamp_min(MIN_RANGE) / levels

@@ -10,7 +10,10 @@ accept is a ``DoptError`` naming it and listing the accepted ones.
 """
 from __future__ import annotations
 
+from . import _moved
 from .errors import DoptError, MissingExtraError
+
+_moved.install()   # old module paths (dopt.numerics, dopt.params, ...) keep importing
 
 __version__ = "0.1.0"
 
@@ -54,3 +57,7 @@ def generate_final_model(model, config_file, pth_file="quant.pth", output_dir=".
     ``options``: the adapter's keyword options for ``generate_final_model`` (checked)."""
     return _call("generate_final_model", model, config_file=config_file, weights_file=pth_file,
                  output_dir=output_dir, options=options)
+
+
+def __getattr__(name: str):
+    return _moved.moved_attribute(name)

@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # annotations only: importing these would import numpy / onnx
     import onnx
 
     from .dopt_llm.opt_main import LlmJob
-    from .observers import RangeObserver
+    from .quant.observers import RangeObserver
     from .ptq import PtqJob
 
 PROJECT = "dopt"
@@ -110,7 +110,7 @@ def dopt_claim_model(model: Any) -> str | None:
 
 @hookspec
 def dopt_range_algorithms() -> Mapping[str, Callable[[], RangeObserver]]:
-    """Provide activation-range algorithms (observers, see ``dopt.observers``).
+    """Provide activation-range algorithms (observers, see ``dopt.quant.observers``).
 
     :returns: ``{name: factory}``; ``factory()`` makes a fresh observer. A later plugin's
         name replaces an earlier one's (the core's built-ins come first).
@@ -179,6 +179,22 @@ def dopt_get_quant_loss(adapter: str, model: Any) -> Any | None:
         adapter's implementation.
     :param model: a model returned by ``dopt_optimize_model``.
     :returns: a framework scalar (``0`` where no layer is quantized).
+    :firstresult: yes: the chosen adapter's result, ``None`` if it does not implement it.
+    """
+
+
+@hookspec(firstresult=True)
+def dopt_freeze_bn_stats(adapter: str, model: Any, freeze: bool) -> Any | None:
+    """Stop (or resume) BatchNorm statistics updates in folded layers during QAT.
+
+    dopt's addition to the reference's operations: the usual second phase of QAT, where a
+    folded layer computes exactly the exported convolution.
+
+    :param adapter: the adapter that claimed ``model``; the call reaches only that
+        adapter's implementation.
+    :param model: a model returned by ``dopt_optimize_model``.
+    :param freeze: ``True`` freezes the statistics, ``False`` lets them update again.
+    :returns: the model.
     :firstresult: yes: the chosen adapter's result, ``None`` if it does not implement it.
     """
 

@@ -49,7 +49,7 @@ class _Builtins:
 
     @hookspecs.hookimpl
     def dopt_range_algorithms(self):
-        from .observers import BUILTIN_RANGE_ALGORITHMS
+        from .quant.observers import BUILTIN_RANGE_ALGORITHMS
         return dict(BUILTIN_RANGE_ALGORITHMS)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from dopt import numerics as nm
+from dopt.quant import numerics as nm
 
 RNG_SEED = 0
 
@@ -91,7 +91,7 @@ def int8_net(opset=17, width=1):
 
 def params_for(model, ranges: dict[str, tuple[float, float]]) -> dict:
     """A parameter file for every Conv/Gemm of ``model`` from given input ranges."""
-    from dopt import params as P
+    from dopt.formats import param_file as P
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     doc = P.new_params({"name": "test"}, "model.onnx")
     for n in model.graph.node:

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from dopt import plugin_manager
-from dopt.bias_correction import ChannelMeanObserver, corrected_bias, weight_bias_shift
-from dopt.equalize import channel_ranges, equalize_chain, equalize_pair, input_channel_ranges
-from dopt.histogram import BINS, Histogram
-from dopt.numerics import (activation_qparams, fake_quant_activation, fake_quant_weight,
+from dopt.quant.bias_correction import ChannelMeanObserver, corrected_bias, weight_bias_shift
+from dopt.quant.equalize import channel_ranges, equalize_chain, equalize_pair, input_channel_ranges
+from dopt.quant.histogram import BINS, Histogram
+from dopt.quant.numerics import (activation_qparams, fake_quant_activation, fake_quant_weight,
                            weight_scales)
-from dopt.observers import (BUILTIN_RANGE_ALGORITHMS, MIN_WIDTH, EntropyObserver,
+from dopt.quant.observers import (BUILTIN_RANGE_ALGORITHMS, MIN_WIDTH, EntropyObserver,
                             MSEObserver, PercentileObserver, expected_mse)
 
 SEARCHED = ("percentile", "entropy", "mse")

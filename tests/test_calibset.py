@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dopt import calibset as cs
-from dopt import bin_data_preprocessing as bdp
+from dopt.calib import sets as cs
+from dopt.cli import bin_data_preprocessing as bdp
 from dopt.errors import DoptError
-from dopt.so_config import Preprocess, SoConfig, parse_so_config_text
+from dopt.calib.prototxt import Preprocess, SoConfig, parse_so_config_text
 
 
 def _bin(path):

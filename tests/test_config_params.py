@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from dopt import DoptError, params as P
-from dopt.config import load_config, parse_input_shape
+from dopt import DoptError
+from dopt.formats import param_file as P
+from dopt.formats.strategy_config import load_config, parse_input_shape
 
 
 def test_parse_input_shape():

@@ -10,9 +10,9 @@ import onnx
 import pytest
 import torch
 
-from dopt import calibset
-from dopt import params as P
-from dopt.onnx_qdq import ort_session
+from dopt.calib import sets as calibset
+from dopt.formats import param_file as P
+from dopt.formats.qdq import ort_session
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
@@ -315,7 +315,7 @@ def test_multi_input_model(work, tmp_path):
 
 
 def test_interrupt_keeps_statistics():
-    from dopt.calibrate import calibrate
+    from dopt.calib.loop import calibrate
 
     def feeds():
         for i in range(5):

@@ -17,7 +17,7 @@ import pytest
 
 from dopt import DoptError, hookspecs
 from dopt import plugin_manager as P
-from dopt.calibrate import DEFAULT_ALGORITHM, range_observer, resolve_algorithm
+from dopt.calib.loop import DEFAULT_ALGORITHM, range_observer, resolve_algorithm
 from dopt.errors import EXTRAS, install_hint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_hookspec_annotations_resolve():
     # the string annotations name real types (TYPE_CHECKING imports included)
     ns = dict(vars(hookspecs))
     import dopt.dopt_llm.opt_main as llm_main
-    import dopt.observers as observers
+    import dopt.quant.observers as observers
     import dopt.ptq as ptq
     ns.update(LlmJob=llm_main.LlmJob, RangeObserver=observers.RangeObserver, PtqJob=ptq.PtqJob,
               onnx=type(sys)("onnx"))

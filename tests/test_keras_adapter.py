@@ -18,8 +18,10 @@ pytest.importorskip("onnxruntime")
 if keras.backend.backend() != "tensorflow":
     pytest.skip("Keras runs on another backend", allow_module_level=True)
 
-from dopt import DoptError, numerics as nm, params as P  # noqa: E402
-from dopt.observers import MinMaxObserver, PercentileObserver  # noqa: E402
+from dopt import DoptError  # noqa: E402
+from dopt.quant import numerics as nm  # noqa: E402
+from dopt.formats import param_file as P  # noqa: E402
+from dopt.quant.observers import MinMaxObserver, PercentileObserver  # noqa: E402
 from dopt_adapters.tensorflow import fake_quant as fq  # noqa: E402
 from dopt_adapters.tensorflow import keras_api as KA, keras_export as KE  # noqa: E402
 from dopt_adapters.tensorflow import keras_layers as KL  # noqa: E402

@@ -1,5 +1,5 @@
 """RTN and GPTQ baselines of the LLM benchmark (``bench/llm_baselines.py``) on tiny random
-Llama models: both must land exactly on the ``dopt.lowbit`` grid, and GPTQ must be GPTQ."""
+Llama models: both must land exactly on the ``dopt.quant.lowbit`` grid, and GPTQ must be GPTQ."""
 import copy
 
 import numpy as np
@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 from bench.llm_baselines import (  # noqa: E402
     gptq_quantize_, gptq_quantize_weight, relative_output_error, rtn_quantize_)
-from dopt.lowbit import fake_quant_weight, group_bounds, qmax  # noqa: E402
+from dopt.quant.lowbit import fake_quant_weight, group_bounds, qmax  # noqa: E402
 
 GROUP = 48  # hidden 64 -> groups 48, 16; intermediate 160 -> 48, 48, 48, 16
 

@@ -21,7 +21,7 @@ pytest.importorskip("yaml")
 from dopt import lowbit  # noqa: E402
 from dopt.dopt_llm import do_opt  # noqa: E402
 from dopt.dopt_llm.opt_main import generate_quant_config, llm_quant_pipline  # noqa: E402
-from dopt.dopt_llm.params import load_quant_params  # noqa: E402
+from dopt.formats.llm_param_file import load_quant_params  # noqa: E402
 from dopt.errors import DoptError  # noqa: E402
 
 # the demo's demo.py is the reference's, code unchanged

@@ -53,7 +53,7 @@ def test_run_sh_three_stages_and_simulation(tmp_path):
     assert {"trained_quant_weight.pth", "trained.pth", "fake_quant_weight.pth",
             "quant_params.json", "quant_params.npz", "embedding.bin"} <= files
 
-    from dopt.dopt_llm.params import load_quant_params
+    from dopt.formats.llm_param_file import load_quant_params
     params = load_quant_params(case / "train_output/quant_params.json")
     q = params["model.layers.0.self_attn.q_proj"]
     assert q["w"].shape == (576, 576) and q["bits"] == 4

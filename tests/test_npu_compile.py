@@ -103,7 +103,7 @@ def test_int8_kernels_bit_exact_in_both_fast_paths(monkeypatch):
 def test_int8_numerics_match_the_spec_on_one_layer():
     """The runtime's QuantizedFullyConnection equals numerics.int8_linear, bit for bit."""
     from onnx import TensorProto, helper, numpy_helper
-    from dopt import numerics as nm
+    from dopt.quant import numerics as nm
     rng = np.random.default_rng(5)
     w = rng.standard_normal((24, 40)).astype(np.float32)
     b = rng.standard_normal(24).astype(np.float32)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from dopt import numerics as nm
+from dopt.quant import numerics as nm
 
 
 def test_round_half_even_and_clamp():
@@ -37,7 +37,8 @@ def test_weight_per_channel_golden():
 
 
 def test_bias_int32_golden():
-    assert nm.quantize_bias(np.array([0.1, -3e9], np.float32), 0.01, np.array([0.1, 1.0], np.float32)).tolist() \
+    assert nm.quantize_bias(np.array([0.1, -3e9], np.float32), 0.01,
+                            np.array([0.1, 1.0], np.float32)).tolist() \
         == [100, -2147483648]
 
 

@@ -158,7 +158,8 @@ def test_import_dopt_without_any_framework():
 import sys
 for m in ("torch", "tensorflow", "onnx", "onnxruntime", "keras"):
     sys.modules[m] = None   # make every framework import fail
-import dopt, dopt.config, dopt.params, dopt.numerics, dopt.plugin_manager, dopt.cli
+import dopt, dopt.formats.strategy_config, dopt.formats.param_file, dopt.quant.numerics
+import dopt.plugin_manager, dopt.cli
 from dopt.dopt_torch.opt_main import generate_config_file, optimize_model
 try:
     dopt.generate_config_file(object(), "x:1,3,8,8")

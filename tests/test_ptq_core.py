@@ -78,7 +78,7 @@ class NumpyBackend:
         return {"written": "memory"}
 
     def outputs(self, feed, *, quantized):
-        from dopt import numerics as nm
+        from dopt.quant import numerics as nm
         if not quantized:
             return [self._forward(feed["x"], *self.orig)[1]]
         x = feed["x"]
@@ -190,9 +190,9 @@ def test_torch_and_onnx_backends_agree(tmp_path):
 
 
 def test_dopt_so_pytorch_applies_cle_and_bias_correction(tmp_path):
-    from dopt import calibset
-    from dopt import params as P
-    from dopt.dopt_so import run
+    from dopt.calib import sets as calibset
+    from dopt.formats import param_file as P
+    from dopt.cli.dopt_so import run
     net = _so_net()
     torch.save(net.state_dict(), tmp_path / "net.pth")
     (tmp_path / "net.py").write_text((HERE / "so_net.py").read_text())

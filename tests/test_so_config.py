@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dopt import so_config as sc
+from dopt.calib import prototxt as sc
 from dopt.errors import DoptError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,7 +157,8 @@ def test_slash_comments_keep_positions_and_strings():
 
 def test_crlf_and_bom(tmp_path):
     (tmp_path / "imgs").mkdir()
-    text = f'\ufeffdevice: USE_GPU\r\npreprocess_parameter {{\r\n input_file_path: "{tmp_path / "imgs"}"\r\n}}\r\n'
+    text = (f'\ufeffdevice: USE_GPU\r\npreprocess_parameter {{\r\n'
+            f' input_file_path: "{tmp_path / "imgs"}"\r\n}}\r\n')
     p = tmp_path / "c.prototxt"
     p.write_bytes(text.encode("utf-8"))
     assert sc.load_so_config(p).device == "USE_GPU"
@@ -248,7 +249,7 @@ def _normalize_proto(text: str) -> str:
 
 
 def test_proto_file_matches_descriptor():
-    doc = (ROOT / "dopt" / "so_config.proto").read_text(encoding="utf-8")
+    doc = (ROOT / "dopt" / "calib" / "so_config.proto").read_text(encoding="utf-8")
     assert _normalize_proto(doc) == _normalize_proto(sc.schema_proto_text())
     for f in [*sc.ConfigMessage.DESCRIPTOR.fields, *sc.PreprocessParameterMessage.DESCRIPTOR.fields]:
         assert re.search(rf"\b{f.name} = {f.number}\b", doc), f.name

@@ -3,7 +3,7 @@
 One small CNN (conv + bias + fused BN + relu, depthwise + BN, matmul; 16x16x1 input) is
 trained two float steps, then goes through the reference sequence: generate config ->
 edit -> optimize_model + restore -> calibration and QAT -> save -> generate_final_model in a
-fresh graph. Plus a one-MatMul graph checked bit for bit against dopt.numerics, and the
+fresh graph. Plus a one-MatMul graph checked bit for bit against dopt.quant.numerics, and the
 bad inputs.
 """
 from __future__ import annotations
@@ -16,7 +16,8 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from dopt import numerics as nm, params as P  # noqa: E402
+from dopt.quant import numerics as nm  # noqa: E402
+from dopt.formats import param_file as P  # noqa: E402
 from dopt.errors import DoptError  # noqa: E402
 from dopt_adapters.tensorflow import tf1_api as api, tf1_export as ex  # noqa: E402
 
@@ -285,7 +286,7 @@ def _core_fc(lo, hi, w, b, x):
 
 def test_matmul_bit_exact_against_core_numerics(tmp_path):
     """Power-of-two scales make every float32 sum exact, so summation order cannot matter:
-    the quantized path equals the integer reference of dopt.numerics bit for bit, and with
+    the quantized path equals the integer reference of dopt.quant.numerics bit for bit, and with
     the NPU's FP16 edges (is_train_flag false) the core's QuantizedFullyConnection."""
     rng = np.random.default_rng(3)
     k, c = 16, 4

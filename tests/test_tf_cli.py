@@ -119,7 +119,7 @@ def _images(n, seed=1):
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     from PIL import Image
-    from dopt import calibset
+    from dopt.calib import sets as calibset
     d = tmp_path_factory.mktemp("tfcli")
     _build_pb(d / "m.pb")
     shutil.copy(ROOT / "dopt_so.py", d / "dopt_so.py")
@@ -170,7 +170,7 @@ def test_reference_tf_flow_compiles_and_runs(work, conf):
     assert r.returncode == 0, r.stderr
     assert "3 INT8 layers" in r.stdout
     from dopt import runtime
-    from dopt.onnx_qdq import ort_session
+    from dopt.formats.qdq import ort_session
     npu = runtime.load(str(work / f"{out}.om")).predict(x)
     qdq = ort_session(str(work / f"{out}_qdq.onnx")).run(None, {"input:0": x})[0]
     assert (npu.argmax(1) == qdq.argmax(1)).mean() >= 0.9
@@ -242,7 +242,7 @@ def test_dopt_so_bad_inputs(work, case):
         needles = ["--out_nodes", "logits_missing"]
     elif case == "input_shape":
         # a calibration set of the asked shape, so the graph check is what fails
-        from dopt import calibset
+        from dopt.calib import sets as calibset
         calibset.write_bin610(work / "cal32.bin", np.zeros((4, 32, 32, 3), np.float32))
         (work / "conf32.prototxt").write_text(BIN_CONF.format(path="cal32.bin", extra=""))
         before = sorted(p.name for p in work.iterdir())

@@ -7,7 +7,9 @@ import pytest
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
-from dopt import DoptError, numerics as nm, params as P  # noqa: E402
+from dopt import DoptError  # noqa: E402
+from dopt.quant import numerics as nm  # noqa: E402
+from dopt.formats import param_file as P  # noqa: E402
 from dopt.dopt_torch.opt_main import (generate_config_file, generate_final_model,  # noqa: E402
                                       get_quant_loss, optimize_model, set_calibrate_state)
 from dopt_adapters.torch import fake_quant as fq  # noqa: E402
@@ -85,7 +87,8 @@ def test_fake_quant_gradients_ste_and_range():
     y = fq.fake_quant_activation(x, lo, hi)
     y.sum().backward()
     assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0]  # straight through inside, zero outside
-    assert hi.grad.item() > 0 and lo.grad.item() > 0  # clipped 50 pulls hi up; clipped -5 pulls lo down (grad>0)
+    # clipped 50 pulls hi up; clipped -5 pulls lo down (grad > 0)
+    assert hi.grad.item() > 0 and lo.grad.item() > 0
 
 
 def test_optimize_calibrate_and_fold(tmp_path):
@@ -333,7 +336,7 @@ def test_non_module_rejected():
 
 def test_export_check_catches_a_wrong_qdq_model(tmp_path, monkeypatch):
     """The post-export ONNX Runtime check is an error, not a warning."""
-    from dopt import onnx_qdq
+    from dopt.formats import qdq as onnx_qdq
     q, cfg = calibrated(tmp_path)
     torch.save(q.state_dict(), tmp_path / "quant.pth")
     real = onnx_qdq.build_qdq

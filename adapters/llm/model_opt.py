@@ -51,7 +51,7 @@ def quantizable_layers(model) -> tuple[dict, list]:
 def generate_config(model, dst_path, defaults: dict) -> dict:
     layers, tied = quantizable_layers(model)
     cfg = default_dopt_config(layers, **defaults)
-    from dopt.fileio import write_json_atomic
+    from dopt.formats.fileio import write_json_atomic
     write_json_atomic(dst_path, cfg)
     n = sum(1 for k, _ in layers.values() if k == "linear")
     Logger.info(f"wrote {dst_path}: {n} decoder Linear layers (Quant_act_weight_eco, "

@@ -11,7 +11,7 @@ import torch
 from dopt.dopt_llm.dataset import read_texts
 from dopt.dopt_llm.opt_main import PARAMS_FILE, STAGE_OUTPUTS, LlmJob
 from dopt.errors import DoptError
-from dopt.fileio import atomic_path, staged_outputs
+from dopt.formats.fileio import atomic_path, staged_outputs
 from dopt.log import Logger
 
 from . import blockwise
@@ -157,7 +157,7 @@ def stage2(job: LlmJob) -> dict:
 
 
 def stage3(job: LlmJob) -> dict:
-    from .params_file import fake_quant_state, write_quant_params
+    from .stage3_files import fake_quant_state, write_quant_params
     model, tok = _load(job, "cpu")
     _load_state(model, job.out(STAGE_OUTPUTS["stage2"]), "stage2")
     set_quant_state(model, weight_state=True, input_state=True)

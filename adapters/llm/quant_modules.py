@@ -1,4 +1,4 @@
-"""Fake-quant modules for ``Quant_INT16-4``: the torch form of ``dopt.lowbit``.
+"""Fake-quant modules for ``Quant_INT16-4``: the torch form of ``dopt.quant.lowbit``.
 
 A swapped-in module keeps the original ``weight``/``bias`` Parameters (so a tied
 embedding / lm_head stays one tensor) and adds ``quant_alpha`` (learned clipping, decoder
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dopt.lowbit import MIN_ACT_AMAX, MIN_RANGE, act_qrange, group_bounds, qmax
+from dopt.quant.lowbit import MIN_ACT_AMAX, MIN_RANGE, act_qrange, group_bounds, qmax
 
 # sigmoid(6) = 0.9975: clip factors start just inside the min/max range (the bound is open)
 ALPHA_INIT_LOGIT = 6.0

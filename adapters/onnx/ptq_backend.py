@@ -3,7 +3,7 @@
 The model runs in ONNX Runtime with the input of every quantized node exposed as an
 extra output; the core algorithm turns those batches into ranges and corrections. What
 is written is the float graph the parameter file is keyed against, with
-QuantizeLinear/DequantizeLinear applied (``dopt.onnx_qdq.build_qdq``): ONNX Runtime runs
+QuantizeLinear/DequantizeLinear applied (``dopt.formats.qdq.build_qdq``): ONNX Runtime runs
 it, and ``dopt omg --compress_conf`` compiles it (it strips the QDQ pairs again).
 """
 from __future__ import annotations
@@ -17,11 +17,11 @@ import onnx
 from onnx import helper, numpy_helper
 
 import dopt
-from dopt import numerics as nm
-from dopt import onnx_qdq
-from dopt import params as P
+from dopt.quant import numerics as nm
+from dopt.formats import qdq as onnx_qdq
+from dopt.formats import param_file as P
 from dopt.errors import DoptError
-from dopt.fileio import atomic_paths
+from dopt.formats.fileio import atomic_paths
 from dopt.npu import prepare as prep
 from dopt.ptq import PtqLayer, PtqOptions, PtqOutcome, run_ptq
 from dopt.ptq.backend import QuantPlan

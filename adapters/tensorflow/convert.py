@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from dopt.errors import DoptError
-from dopt.params import ONNX_OP_TYPES, TF_OP_TYPES
+from dopt.formats.param_file import ONNX_OP_TYPES, TF_OP_TYPES
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -439,7 +439,7 @@ def remap_params(doc: dict, frozen: FrozenGraph, onnx_model, *, file: str | None
     name moves to the ONNX node that op became (its tensors renamed to the ONNX ones).
     Any record that places nowhere is an error naming it.
     """
-    from dopt import onnx_qdq
+    from dopt.formats import qdq as onnx_qdq
     graph = onnx_qdq.graph_layers(onnx_model)
     nodes = {n.name: n for n in onnx_model.graph.node}
     tf_map = onnx_node_map(frozen.graph_def, onnx_model)

@@ -1,4 +1,4 @@
-"""TensorFlow fake-quant with exactly the arithmetic of ``dopt.numerics`` (float32, half-to-even).
+"""TensorFlow fake-quant with exactly the arithmetic of ``dopt.quant.numerics`` (float32, half-to-even).
 
 Written with plain ``tf`` ops so one implementation serves Keras 3 layers (eager and
 ``tf.function``) and ``tf.compat.v1`` graphs. ``tf.round`` rounds half to even, like the
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from dopt import numerics as nm
+from dopt.quant import numerics as nm
 
 QMIN, QMAX = float(nm.ACT_QMIN), float(nm.ACT_QMAX)
 LEVELS = float(nm.ACT_LEVELS)

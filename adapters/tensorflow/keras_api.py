@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from dopt import plugin_manager
-from dopt.config import (FLOAT, INT8, check_against_model, format_input_shape, load_config,
+from dopt.formats.strategy_config import (FLOAT, INT8, check_against_model, format_input_shape, load_config,
                          parse_input_shape, write_config)
 from dopt.errors import DoptError
 

@@ -20,11 +20,12 @@ import numpy as np
 import tensorflow as tf
 
 import dopt
-from dopt import onnx_qdq, params as P
-from dopt.config import INT8, check_against_model, load_config
+from dopt.formats import qdq as onnx_qdq
+from dopt.formats import param_file as P
+from dopt.formats.strategy_config import INT8, check_against_model, load_config
 from dopt.errors import DoptError
-from dopt.export_checks import check_float, check_quantized
-from dopt.fileio import staged_outputs
+from dopt.formats.export_checks import check_float, check_quantized
+from dopt.formats.fileio import staged_outputs
 
 from . import convert, keras_api as KA, keras_layers as KL
 

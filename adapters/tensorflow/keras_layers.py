@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from dopt import numerics as nm
+from dopt.quant import numerics as nm
 
 from . import fake_quant as fq
 
@@ -432,7 +432,7 @@ class QuantWrapper(_DoptWrapper):
             s_k = s_w if not p.depthwise else tf.reshape(s_w, tf.shape(w)[-2:])
             wi = tf.clip_by_value(tf.round(w / s_k), -W_QMAX, W_QMAX)
             acc = _apply(self.layer, p, xi, wi)
-            bs = s * s_w                                                      # float32, as numerics.bias_scales
+            bs = s * s_w   # float32, as numerics.bias_scales
             if b is not None:
                 bi = tf.clip_by_value(tf.round(b / bs), float(nm.INT32_MIN), float(nm.INT32_MAX))
                 acc = acc + _per_out_channel(bi, self.layer, len(acc.shape))

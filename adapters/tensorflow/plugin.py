@@ -107,6 +107,12 @@ def dopt_get_quant_loss(model):
 
 
 @hookimpl
+def dopt_freeze_bn_stats(model, freeze):
+    from .keras_api import freeze_bn_stats
+    return freeze_bn_stats(model, freeze)
+
+
+@hookimpl
 def dopt_generate_final_model(model, config_file, weights_file, output_dir, options):
     if _is_session(model):
         from .tf1_export import generate_final_model

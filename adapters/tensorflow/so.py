@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dopt import params as P
+from dopt.formats import param_file as P
 from dopt.errors import DoptError
-from dopt.fileio import atomic_paths
+from dopt.formats.fileio import atomic_paths
 
 from . import convert
 

@@ -50,9 +50,9 @@ import numpy as np
 import tensorflow as tf
 
 from dopt import plugin_manager
-from dopt.config import FLOAT, INT8, check_against_model, load_config, write_config
+from dopt.formats.strategy_config import FLOAT, INT8, check_against_model, load_config, write_config
 from dopt.errors import DoptError
-from dopt.params import TF_OP_TYPES
+from dopt.formats.param_file import TF_OP_TYPES
 
 from . import fake_quant as fq
 

@@ -9,12 +9,12 @@ checkpoint, then write
   (weight ``<op>/weight``, bias ``<op>/bias``; the BatchNorm node becomes an ``Identity``
   of the folded result, so names downstream and output names do not change), MatMul weights
   stored ``[in, out]`` (``transpose_b`` resolved); no fake-quant ops;
-* ``quant_param.json``: a ``dopt.params`` document keyed by the TF op names, with the
+* ``quant_param.json``: a ``dopt.formats.param_file`` document keyed by the TF op names, with the
   exact float32 scales the fake-quant used.
 
 Both appear in ``output_dir`` only after two checks on random inputs: (1) the frozen graph
 reproduces the quantized graph's float path (``quant_flag = 0``); (2) the frozen graph with
-the parameter file applied by the core NumPy numerics (``dopt.numerics``) reproduces the
+the parameter file applied by the core NumPy numerics (``dopt.quant.numerics``) reproduces the
 quantized path (``quant_flag = 1``).
 """
 from __future__ import annotations
@@ -27,11 +27,12 @@ import tensorflow as tf
 from tensorflow.python.framework import tensor_util
 
 import dopt
-from dopt import numerics as nm, params as P
-from dopt.config import INT8, load_config
+from dopt.quant import numerics as nm
+from dopt.formats import param_file as P
+from dopt.formats.strategy_config import INT8, load_config
 from dopt.errors import DoptError
-from dopt.export_checks import check_float, check_quantized
-from dopt.fileio import staged_outputs
+from dopt.formats.export_checks import check_float, check_quantized
+from dopt.formats.fileio import staged_outputs
 
 from . import tf1_api as api
 from .convert import op_name, tensor_name

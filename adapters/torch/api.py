@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dopt import plugin_manager
-from dopt.config import (check_against_model, format_input_shape, load_config,
+from dopt.formats.strategy_config import (check_against_model, format_input_shape, load_config,
                          parse_input_shape, write_config)
 from dopt.errors import DoptError
 

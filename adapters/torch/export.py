@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 import dopt
-from dopt import onnx_qdq, params as P
-from dopt.config import load_config
+from dopt.formats import qdq as onnx_qdq
+from dopt.formats import param_file as P
+from dopt.formats.strategy_config import load_config
 from dopt.errors import DoptError
-from dopt.export_checks import check_float, check_quantized
-from dopt.fileio import staged_outputs
+from dopt.formats.export_checks import check_float, check_quantized
+from dopt.formats.fileio import staged_outputs
 
 from . import api, layers as L
 from .checkpoint import load_into, load_state_dict

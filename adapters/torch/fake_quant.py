@@ -1,4 +1,4 @@
-"""Torch fake-quant with exactly the arithmetic of ``dopt.numerics`` (float32, half-to-even).
+"""Torch fake-quant with exactly the arithmetic of ``dopt.quant.numerics`` (float32, half-to-even).
 
 Scalar quantization parameters come from the core itself (``numerics.activation_qparams``),
 so they are the core's values by construction. Activations use one fused autograd node
@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from dopt import numerics as nm
+from dopt.quant import numerics as nm
 
 QMIN, QMAX = float(nm.ACT_QMIN), float(nm.ACT_QMAX)
 LEVELS = float(nm.ACT_LEVELS)

@@ -5,7 +5,7 @@ import warnings
 
 from torch import nn
 
-from dopt.config import FLOAT, INT8
+from dopt.formats.strategy_config import FLOAT, INT8
 
 # op_type strings are the reference's: str(type(module)) of the torch class.
 QUANTIZABLE = (nn.Conv2d, nn.Linear)

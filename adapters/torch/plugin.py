@@ -64,6 +64,12 @@ def dopt_get_quant_loss(model):
 
 
 @hookimpl
+def dopt_freeze_bn_stats(model, freeze):
+    from .api import freeze_bn_stats
+    return freeze_bn_stats(model, freeze)
+
+
+@hookimpl
 def dopt_generate_final_model(model, config_file, weights_file, output_dir, options):
     from .export import generate_final_model
     return generate_final_model(model, config_file, weights_file, output_dir, **options)

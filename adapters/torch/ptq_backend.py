@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dopt.config import FLOAT, INT8
+from dopt.formats.strategy_config import FLOAT, INT8
 from dopt.ptq.backend import PtqLayer, QuantPlan
 
 from . import layers as L

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dopt import params as P
+from dopt.formats import param_file as P
 from dopt import userpy
 from dopt.errors import DoptError
-from dopt.fileio import atomic_paths
+from dopt.formats.fileio import atomic_paths
 from dopt.ptq import run_ptq
 
 from .api import check_input_names

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dopt import onnx_qdq
+from dopt.formats import qdq as onnx_qdq
 from dopt.dopt_torch.opt_main import (generate_config_file, generate_final_model,
                                       freeze_bn_stats, get_quant_loss, optimize_model,
                                       set_calibrate_state)

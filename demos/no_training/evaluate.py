@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from dopt import runtime
-from dopt.onnx_qdq import ort_session
+from dopt.formats.qdq import ort_session
 
 
 def onnx_top1(path, x, input_name="input", batch=1000):

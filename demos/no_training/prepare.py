@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dopt.calibset import write_bin610
+from dopt.calib.sets import write_bin610
 from demos.fashion_mnist import data, demo
 
 CONFIG_BIN = """strategy: "Quant_INT8-8"

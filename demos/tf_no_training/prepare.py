@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dopt.calibset import write_bin510
+from dopt.calib.sets import write_bin510
 from demos.fashion_mnist import data
 
 CONFIG_IMAGE = f"""strategy: "Quant_INT8-8"

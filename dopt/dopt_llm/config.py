@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DoptError
-from ..fileio import DuplicateKeyError, existing_file, reject_duplicate_keys
-from ..lowbit import ACT_BITS, WEIGHT_BITS
+from ..formats.fileio import DuplicateKeyError, existing_file, reject_duplicate_keys
+from ..quant.lowbit import ACT_BITS, WEIGHT_BITS
 
 MAX_CONFIG_BYTES = 64 << 20
 
@@ -327,7 +327,8 @@ def check_tied(path, specs: dict[str, LayerSpec], tied: list[tuple[str, str]]) -
         sa, sb = specs.get(a), specs.get(b)
         if (sa is None) != (sb is None) or (sa and (sa.w_bits, sa.group_size)
                                             != (sb.w_bits, sb.group_size)):
-            fmt = (lambda s: "float" if s is None else f"{s.w_bits}-bit, group {s.group_size}")
+            def fmt(s):
+                return "float" if s is None else f"{s.w_bits}-bit, group {s.group_size}"
             raise DoptError("tied layers are configured differently", file=str(path),
                             field=f"layer_strategy.{b}",
                             expected=f"the same weight bit/group_size as {a} (they share one "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from ..errors import DoptError
-from ..fileio import existing_file
+from ..formats.fileio import existing_file
 
 MAX_DATASET_BYTES = 4 << 30
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import DoptError
 from ..log import Logger
-from ..lowbit import ACT_BITS, WEIGHT_BITS
+from ..quant.lowbit import ACT_BITS, WEIGHT_BITS
 from .config import (OptimizeConfig, check_bits, check_group_size, load_optimize_config,
                      read_json)
 
@@ -95,7 +95,7 @@ def generate_quant_config(model_path, dopt_config, *, w_bits: int | None = None,
     check_bits(w_bits, field="--w-bits")
     check_group_size(group_size, field="--group-size")
     check_bits(act_bits, field="--act-bits", allowed=ACT_BITS)
-    from ..fileio import check_output_path
+    from ..formats.fileio import check_output_path
     check_output_path(dopt_config, field="--dopt-config")
     hook = _adapter_hook("dopt_llm_generate_config")
     return hook(adapter="llm", model_path=str(model_path), dst_path=str(dopt_config),

@@ -73,7 +73,4 @@ def _bind(fn, args, kwargs):
 
 def freeze_bn_stats(quant_model, freeze=True):
     """dopt addition (Keras): freeze BatchNorm statistics of folded layers."""
-    from ..plugin_manager import adapter_for
-    adapter_for(quant_model, want=WANT)
-    from dopt_adapters.tensorflow.keras_api import freeze_bn_stats as impl
-    return impl(quant_model, freeze)
+    return call("freeze_bn_stats", quant_model, want=WANT, freeze=bool(freeze))

@@ -35,7 +35,4 @@ def generate_final_model(model, config_file, pth_file="quant.pth", output_dir=".
 
 def freeze_bn_stats(quant_model, freeze=True):
     """dopt addition: freeze BatchNorm statistics of folded layers (second phase of QAT)."""
-    from ..plugin_manager import adapter_for
-    adapter_for(quant_model, want="torch")
-    from dopt_adapters.torch.api import freeze_bn_stats as impl
-    return impl(quant_model, freeze)
+    return call("freeze_bn_stats", quant_model, want="torch", freeze=bool(freeze))

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import numerics as nm
-from .. import params as P
+from ..quant import numerics as nm
+from ..formats import param_file as P
 from ..errors import DoptError
-from ..fileio import existing_file
+from ..formats.fileio import existing_file
 from .costmodel import estimate
 from .lower import IRGraph, IRNode, lower_onnx
 from .omfile import OmModel
@@ -307,7 +307,7 @@ def parse_op_name_map(path: str, profile: HardwareProfile) -> dict:
 
 def check_params_against_model(doc: dict, model, file: str) -> None:
     """Both directions: records for absent layers, and quantizable layers left unaccounted."""
-    from ..onnx_qdq import graph_layers
+    from ..formats.qdq import graph_layers
     layers = graph_layers(model)
     P.validate_params(doc, file=file, graph=layers)
     for node, rec in doc["layers"].items():

@@ -62,7 +62,8 @@ def _macs(node, shapes, block: int) -> tuple[int, int]:
         k, cin, cout_g = math.prod(w[2:]), w[0], w[1]
         g = max(1, out[1] // cout_g)
         return (src[0] * math.prod(src[2:]) * cin * cout_g * k,
-                out[0] * math.prod(out[2:]) * g * pad_channels(cin // g, block) * pad_channels(cout_g, block) * k)
+                out[0] * math.prod(out[2:]) * g * pad_channels(cin // g, block)
+                * pad_channels(cout_g, block) * k)
     # FullyConnection / MatMul: rows x K x N
     n_out = out[-1]
     kdim = shapes.get(node.inputs[0], (0,))[-1]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import DoptError
-from ..onnx_qdq import require_onnx, weight_axis
+from ..formats.qdq import require_onnx, weight_axis
 
 # ONNX op -> IR op; a callable picks by attributes/shapes. Ops absent here have no NPU form.
 _ACTIVATIONS = {"Relu", "Sigmoid", "Tanh", "LeakyRelu", "Elu", "Selu", "Softplus", "Softsign",

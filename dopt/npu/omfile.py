@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DoptError
-from ..fileio import DuplicateKeyError, atomic_path, reject_duplicate_keys
+from ..formats.fileio import DuplicateKeyError, atomic_path, reject_duplicate_keys
 
 MAGIC = b"DOPTOM\x00\x01"
 FORMAT_VERSION = 1

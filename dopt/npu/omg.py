@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import parse_input_shape
+from ..formats.strategy_config import parse_input_shape
 from ..errors import DoptError
-from ..fileio import existing_file, write_json_atomic
-from ..onnx_qdq import load_model
+from ..formats.fileio import existing_file, write_json_atomic
+from ..formats.qdq import load_model
 from .rules import CPU
 
 FRAMEWORKS = {0: "Caffe", 3: "TensorFlow", 5: "ONNX", 6: "MindSpore"}
@@ -89,7 +89,7 @@ def run_precheck(a) -> int:
     from .lower import lower_onnx
     from .precheck import precheck, render_text
     from .profile import load_profile
-    from .. import params as P
+    from ..formats import param_file as P
 
     _check_framework(a)
     if not a.model:
@@ -122,7 +122,7 @@ def run_compile(a) -> int:
     from .compiler import compile_onnx, parse_op_name_map
     from .precheck import render_text
     from .profile import load_profile
-    from .. import params as P
+    from ..formats import param_file as P
 
     _check_framework(a)
     for flag in ("model", "output"):

@@ -10,7 +10,7 @@ samples in one call.
 from __future__ import annotations
 
 from ..errors import DoptError
-from ..onnx_qdq import require_onnx
+from ..formats.qdq import require_onnx
 
 TARGET_OPSET = 17
 MIN_OPSET = 7

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DoptError
-from ..fileio import DuplicateKeyError, reject_duplicate_keys
+from ..formats.fileio import DuplicateKeyError, reject_duplicate_keys
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 DEFAULT_PROFILE = "kirin9000"

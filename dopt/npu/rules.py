@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from ..errors import DoptError, run_cli
-from ..fileio import existing_file
+from ..formats.fileio import existing_file
 from .lower import IRGraph, IRNode
 from .profile import DEFAULT_PROFILE, HardwareProfile, load_profile
 

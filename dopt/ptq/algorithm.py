@@ -14,10 +14,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .. import numerics as nm
-from ..bias_correction import weight_bias_shift
-from ..calibrate import Statistics, calibrate, resolve_algorithm
-from ..equalize import equalize_pair
+from ..quant import numerics as nm
+from ..quant.bias_correction import weight_bias_shift
+from ..calib.loop import Statistics, calibrate, resolve_algorithm
+from ..quant.equalize import equalize_pair
 from ..errors import DoptError
 from .backend import PtqBackend, PtqLayer, QuantPlan
 from .job import PtqOptions

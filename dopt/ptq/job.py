@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from ..calibrate import DEFAULT_ALGORITHM
+from ..calib.loop import DEFAULT_ALGORITHM
 
 DEFAULT_EQUALIZATION = False   # measured: docs/benchmarks.md, "No-training quantization"
 DEFAULT_BIAS_CORRECTION = True

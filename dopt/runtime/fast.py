@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import DoptError
-from ..onnx_qdq import ort_session
+from ..formats.qdq import ort_session
 
 FLOAT_DTYPES = ("float16", "float32", "float64")
 IR_VERSION = 8

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .. import numerics as nm
+from ..quant import numerics as nm
 from ..errors import DoptError
 from .fast import FLOAT_DTYPES, node_model, npu_boundary_inputs, session
 

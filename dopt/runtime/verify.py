@@ -80,6 +80,7 @@ def kernel_agreement(om, feeds: dict, *, npu: bool = True) -> list[dict]:
                 diff = 0.0 if exact else float(np.abs(np.asarray(got, np.float64) -
                                                        np.asarray(w, np.float64)).max())
             rows.append({"kernel": k["name"], "op": k["op"], "precision": k["precision"],
-                         "device": k["device"], "tensor": t, "exact": exact, "within_bound": within, "max_ulp": ulp,
+                         "device": k["device"], "tensor": t, "exact": exact,
+                         "within_bound": within, "max_ulp": ulp,
                          "max_abs_diff": diff})
     return rows

@@ -22,7 +22,7 @@ from functools import lru_cache, partial
 import numpy as np
 
 LEVELS = 255               # steps of dopt's asymmetric INT8 activation grid
-MIN_WIDTH = LEVELS * 1e-8  # dopt.numerics.MIN_SCALE * 255: narrower ranges are all alike
+MIN_WIDTH = LEVELS * 1e-8  # dopt.quant.numerics.MIN_SCALE * 255: narrower ranges are all alike
 DISTRIBUTIONS = ("laplace", "gauss")
 
 

@@ -1,6 +1,6 @@
 """Calibration sets of no-training quantization: readers (streaming) and writers.
 
-A ``preprocess_parameter`` of ``config.prototxt`` (:mod:`dopt.so_config`) names one model
+A ``preprocess_parameter`` of ``config.prototxt`` (:mod:`dopt.calib.prototxt`) names one model
 input's calibration data, either BINARY (a ``.bin`` file) or IMAGE (a folder of images).
 The model input's shape is the one given by ``--input_shape``, ``(n, *rest)`` in the
 model's layout (``--input_format``); ``n`` is the model batch. A calibration set holds
@@ -39,9 +39,9 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import DoptError
-from .fileio import atomic_path
-from .so_config import Preprocess, SoConfig
+from ..errors import DoptError
+from ..formats.fileio import atomic_path
+from .prototxt import Preprocess, SoConfig
 
 __all__ = ["IMAGE_EXTENSIONS", "MAGIC_ND", "MAGIC_NCHW", "MAX_RANK", "MAX_IMAGE_PIXELS",
            "CalibrationReader", "open_calibration", "open_all", "iter_feeds",

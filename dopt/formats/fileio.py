@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import DoptError
+from ..errors import DoptError
 
 
 def _check_dir_writable(directory: Path) -> None:

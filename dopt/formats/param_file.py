@@ -26,8 +26,8 @@ import json
 import math
 from pathlib import Path
 
-from .config import INT8
-from .errors import DoptError
+from .strategy_config import INT8
+from ..errors import DoptError
 from .fileio import reject_duplicate_keys, write_json_atomic
 
 FORMAT = "dopt.quant_param"

@@ -3,15 +3,15 @@
 Imports ``onnx``/``onnxruntime`` lazily so the core stays framework-free.
 The QDQ form places QuantizeLinear/DequantizeLinear on each quantized node's
 input, int8 per-channel weights and int32 bias behind DequantizeLinear — the
-same arithmetic as ``dopt.numerics``, runnable on ONNX Runtime and other stacks.
+same arithmetic as ``dopt.quant.numerics``, runnable on ONNX Runtime and other stacks.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from . import numerics as nm
-from .params import ONNX_OP_TYPES
-from .errors import DoptError, MissingExtraError
+from ..quant import numerics as nm
+from .param_file import ONNX_OP_TYPES
+from ..errors import DoptError, MissingExtraError
 
 QDQ_MIN_OPSET = 13
 MAX_MODEL_BYTES = 2 << 30

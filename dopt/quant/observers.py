@@ -7,7 +7,7 @@ that saw all the data. New algorithms arrive through the ``dopt_range_algorithms
 hook (see ``plugins/``).
 
 ``minmax`` and ``ema_minmax`` keep two numbers. ``percentile``, ``entropy`` and ``mse``
-share one exactly mergeable histogram (``dopt.histogram``) and differ only in how they
+share one exactly mergeable histogram (``dopt.quant.histogram``) and differ only in how they
 pick ``(lo, hi)`` from it when ``range()`` is called; ``docs/calibration.md`` has the
 formulas. Every histogram-based range contains 0 (the INT8 grid does anyway: see
 ``numerics.activation_qparams``) and is at least ``255 * MIN_SCALE`` wide.

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import lowbit
+from ..quant import lowbit
 from ..errors import DoptError
-from ..fileio import existing_file
+from .fileio import existing_file
 
 FORMAT = "dopt-llm-quant-params"
 VERSION = 1

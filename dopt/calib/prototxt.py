@@ -2,7 +2,7 @@
 
 The file is parsed by ``google.protobuf.text_format`` against a real proto2 message
 definition that this module builds in Python (``descriptor_pb2``; protoc is not
-needed). The equivalent ``.proto`` text, for documentation, is ``dopt/so_config.proto``
+needed). The equivalent ``.proto`` text, for documentation, is ``dopt/calib/so_config.proto``
 and :func:`schema_proto_text` renders it from the descriptor (a test keeps the two
 equal).
 
@@ -14,7 +14,7 @@ end of its line and the line/column numbers of parse errors stay those of the fi
 
 This module only parses and validates; it logs and reports nothing. The
 ``mean_value`` count is checked against the input's channels later, by
-:mod:`dopt.calibset`, which knows C.
+:mod:`dopt.calib.sets`, which knows C.
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 
-from .errors import DoptError
-from .fileio import existing_file
+from ..errors import DoptError
+from ..formats.fileio import existing_file
 
 __all__ = ["SoConfig", "Preprocess", "load_so_config", "parse_so_config_text",
            "schema_proto_text", "SUPPORTED_STRATEGY", "MAX_CONFIG_BYTES", "PACKAGE",
@@ -70,7 +70,7 @@ _SCHEMA = (
 
 
 def _build_file_descriptor() -> descriptor_pb2.FileDescriptorProto:
-    fdp = descriptor_pb2.FileDescriptorProto(name="dopt/so_config.proto", package=PACKAGE,
+    fdp = descriptor_pb2.FileDescriptorProto(name="dopt/calib/so_config.proto", package=PACKAGE,
                                              syntax="proto2")
     messages = {m for m, _, _ in _SCHEMA}
     for msg_name, enums, fields in _SCHEMA:

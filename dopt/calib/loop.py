@@ -2,7 +2,7 @@
 
 An adapter supplies ``run(feed) -> {tensor name: array}`` (its framework's forward pass
 with the observed tensors exposed); this module owns the observers, the progress bar and
-interruption. Observers stream (``dopt.observers``), so memory does not depend on the
+interruption. Observers stream (``dopt.quant.observers``), so memory does not depend on the
 number of samples. A first Ctrl-C stops calibrating and keeps the statistics gathered so
 far (the caller says so in its log); a second one aborts.
 """
@@ -14,9 +14,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from . import plugin_manager
-from .bias_correction import ChannelMeanObserver
-from .errors import DoptError
+from .. import plugin_manager
+from ..quant.bias_correction import ChannelMeanObserver
+from ..errors import DoptError
 
 # Chosen by measurement: see docs/benchmarks.md, "No-training quantization".
 DEFAULT_ALGORITHM = "mse"

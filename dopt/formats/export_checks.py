@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import DoptError
+from ..errors import DoptError
 
 FUSE_RTOL, FUSE_ATOL = 1e-4, 1e-5
 QDQ_RTOL, QDQ_MEAN_RTOL, QDQ_ATOL = 2e-2, 2.5e-3, 1e-4

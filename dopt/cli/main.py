@@ -8,11 +8,11 @@ import argparse
 import json
 import sys
 
-from .errors import DoptError, run_cli
+from ..errors import DoptError, run_cli
 
 
 def _adapters(a):
-    from . import plugin_manager as pm
+    from .. import plugin_manager as pm
     for name, info in sorted(pm.adapters().items()):
         print(f"{name}: {info.get('framework')} (extra dopt[{info.get('extra')}]) - "
               f"{', '.join(info.get('operations', []))}")
@@ -23,8 +23,8 @@ def _adapters(a):
 
 
 def _torch_config(a):
-    from . import userpy
-    from .dopt_torch.opt_main import generate_config_file
+    from .. import userpy
+    from ..dopt_torch.opt_main import generate_config_file
     model = userpy.build(a.model)
     generate_config_file(model, a.input_shape, dst_path=a.output)
     print(f"wrote {a.output}")
@@ -32,8 +32,8 @@ def _torch_config(a):
 
 
 def _torch_final(a):
-    from . import userpy
-    from .dopt_torch.opt_main import generate_final_model
+    from .. import userpy
+    from ..dopt_torch.opt_main import generate_final_model
     model = userpy.build(a.model)
     files = generate_final_model(model, a.config, pth_file=a.weight, output_dir=a.output_dir)
     for k, v in files.items():
@@ -42,11 +42,11 @@ def _torch_final(a):
 
 
 def _check_params(a):
-    from . import params as P
+    from ..formats import param_file as P
     doc = P.read_params(a.param_file)
     graph = None
     if a.model:
-        from . import onnx_qdq
+        from ..formats import qdq as onnx_qdq
         import onnx
         try:
             m = onnx.load(a.model, load_external_data=False)
@@ -64,7 +64,7 @@ MAX_INPUT_BYTES = 2 << 30
 
 def _load_array(spec: str, default_name: str | None) -> tuple[str, object]:
     import numpy as np
-    from .fileio import existing_file
+    from ..formats.fileio import existing_file
     name, sep, path = spec.partition("=")
     if not sep:
         name, path = default_name, spec
@@ -82,18 +82,18 @@ def _load_array(spec: str, default_name: str | None) -> tuple[str, object]:
 
 def _run(a):
     import numpy as np
-    from . import runtime
-    from .fileio import atomic_path
+    from .. import runtime
+    from ..formats.fileio import atomic_path
     sess = runtime.load(a.om, device=a.device, engine=a.engine)
     default = sess.inputs[0]["name"] if len(sess.inputs) == 1 else None
     feeds = dict(_load_array(s, default) for s in a.input or [])
     if a.report:
-        from .npu.costmodel import render_text
+        from ..npu.costmodel import render_text
         if sess.estimate:
             print(render_text(sess.estimate))
         print("placement: " + ", ".join(f"{k} {v}" for k, v in sess.om.meta["summary"].items()))
     if a.verify:
-        from .runtime.verify import kernel_agreement
+        from ..runtime.verify import kernel_agreement
         small = {k: v[:8] for k, v in sess.prepare_feeds(feeds).items()}
         rows = kernel_agreement(sess.om, small, npu=a.device == "npu")
         bad = [r for r in rows if not r["within_bound"]]
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["omg"]:
-        from .npu.omg import main as omg_main
+        from ..npu.omg import main as omg_main
 
         def fn():
             return omg_main(argv[1:])

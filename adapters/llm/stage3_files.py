@@ -1,5 +1,5 @@
 """Stage 3 outputs from a calibrated model: ``fake_quant_weight.pth`` and the parameter file
-(layout in ``dopt.dopt_llm.params``)."""
+(layout in ``dopt.formats.llm_param_file``)."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,8 @@ import json
 import numpy as np
 import torch
 
-from dopt import lowbit
-from dopt.dopt_llm.params import FORMAT, VERSION, embedding_bin, pack_codes
+from dopt.quant import lowbit
+from dopt.formats.llm_param_file import FORMAT, VERSION, embedding_bin, pack_codes
 
 from .model_opt import quantizable_layers
 from .quant_modules import QuantEmbedding, QuantLinear, group_qparams, quant_modules

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DoptError
+from ..errors import DoptError
 from .fileio import write_json_atomic
 
 FLOAT = "float"

@@ -26,7 +26,9 @@ that same file and the same calibration samples ``--out/<model>/calib.npy``):
 Methods: ``ort:minmax``, ``ort:entropy``, ``ort:percentile`` (``quantize_static``, QDQ,
 per-channel, QInt8, ops Conv/Gemm/MatMul; ``--peer-all-ops`` for ORT's defaults), ``nncf``
 (``nncf.quantize``, same op set unless ``--peer-all-ops``), and ``dopt:<algorithm>`` for
-algorithm in minmax/percentile/entropy/mse/auto (``dopt_adapters.onnx.ptq_backend.quantize_onnx``).
+algorithm in minmax/percentile/entropy/mse/auto (``dopt_adapters.onnx.ptq_backend.quantize_onnx``),
+and ``dopt-torch:<algorithm>[/nobc|/cle]`` - ``dopt_so`` on the PyTorch model definition and
+weights (Fashion-MNIST nets only), the same core PTQ algorithm through the PyTorch backend.
 See ``bench/ptq_peers.py`` for each peer's settings.
 
 Each method runs in a fresh subprocess (``--worker``) that loads the calibration samples and
@@ -72,12 +74,14 @@ MODELS = {
     "ppocr_det": {"kind": "ocr", "calib": 64, "eval": 128},
 }
 DOPT_ALGS = ["minmax", "percentile", "entropy", "mse", "auto"]
+# the PyTorch dopt_so path (Fashion-MNIST nets): default (bias correction), and without it
+DOPT_TORCH = ["dopt-torch:mse", "dopt-torch:mse/nobc"]
 PEER_METHODS = ["ort:minmax", "ort:entropy", "ort:percentile", "nncf"]
 ALL_OPS = "+all-ops"  # method suffix: the peer with its own default op set (--peer-all-ops)
 # default: the peers on dopt's op set, the two cheap peers also with their own op sets (for
 # reference: with Conv/Gemm/MatMul only, ORT quantizes conv outputs BEFORE Relu/Clip), dopt
 METHODS = (PEER_METHODS + ["ort:minmax" + ALL_OPS, "nncf" + ALL_OPS]
-           + [f"dopt:{a}" for a in DOPT_ALGS])
+           + [f"dopt:{a}" for a in DOPT_ALGS] + DOPT_TORCH)
 DOPT_MISSING = "dopt adapter not available"
 
 
@@ -317,6 +321,41 @@ def _import_dopt():
     return quantize_onnx
 
 
+def _dopt_torch_call(model: str, work: Path, calib, out_path: Path, alg: str, variant,
+                     batch: int, tag: str):
+    """``dopt_so --framework 5 --model models.py:Class --weight x.pth`` as a user runs it."""
+    from demos.fashion_mnist import models
+    from dopt import calibset
+    from dopt.cli.dopt_so import run
+
+    cls = type(models.build(model)).__name__
+    bin_path = work / f"calib{tag}.bin"
+    calibset.write_bin610(bin_path, calib)
+    conf = work / f"dopt_torch_{alg}{tag}.prototxt"
+    conf.write_text(f'device: USE_CPU\ncalibration_algorithm: "{alg}"\n'
+                    f'batch_size: {batch}\n'
+                    f'equalization: {"true" if "cle" in variant else "false"}\n'
+                    f'bias_correction: {"false" if "nobc" in variant else "true"}\n'
+                    f'preprocess_parameter {{\n  input_type: BINARY\n'
+                    f'  input_file_path: "{bin_path}"\n}}\n')
+    pt = out_path.with_suffix(".pt")
+    argv = ["--framework", "5", "--mode", "0",
+            "--model", f"{ROOT / 'demos' / 'fashion_mnist' / 'models.py'}:{cls}",
+            "--weight", str(ROOT / "demos" / "fashion_mnist" / "weights" / f"{model}.pth"),
+            "--cal_conf", str(conf), "--output", str(pt),
+            "--input_shape", f"x:{batch},{','.join(map(str, calib.shape[1:]))}",
+            "--compress_conf", str(out_path.with_suffix(".params")), "--relax_path_rules"]
+    logs: list[str] = []
+
+    def call():
+        written = run(argv, log=logs.append)
+        shutil.copyfile(written["qdq_onnx"], out_path)   # the model the parent evaluates
+        return {"log": " | ".join(x for x in logs if "bias correction" in x
+                                  or "equalization" in x or "SQNR" in x)}
+
+    return call
+
+
 def worker(args) -> int:
     from bench.memwatch import PeakRSS
 
@@ -375,6 +414,17 @@ def worker(args) -> int:
                 algorithm=alg, equalization=True if "cle" in variant else None,
                 bias_correction=False if "nobc" in variant else None,
                 npu_placement="all" not in variant, progress=False)
+        elif method.startswith("dopt-torch:") and not plus:
+            # the PyTorch dopt_so path (net.py + .pth, the reference's command line) on the
+            # Fashion-MNIST demo nets: the same core PTQ algorithm through the torch backend
+            alg, *variant = method.split(":", 1)[1].split("/")
+            if MODELS[args.model]["kind"] != "fmnist":
+                res.update(status="not available",
+                           error="dopt-torch runs on the PyTorch demo nets only")
+                print(RESULT_TAG + json.dumps(res), flush=True)
+                return 0
+            call = _dopt_torch_call(args.model, work, calib, out_path, alg, variant,
+                                    args.calib_batch, args.tag)
         else:
             raise ValueError(f"unknown method {method!r}; known: {METHODS}")
         res["setup_s"] = round(time.perf_counter() - t, 3)  # imports + loading the samples

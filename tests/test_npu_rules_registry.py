@@ -54,11 +54,24 @@ def _cases(profile):
                                                      "block": 16}, _concat(16, 32), ()),
         "low_recommendation": (_node("l", low, low), {"stars": profile.stars(low)},
                                _node("g", good, good), ()),
+        "fp16_range": (_measured(9e4), {"kind": "overflow", "tensor": "y",
+                                        "range": [-9e4, 9e4], "amax": 9e4},
+                       _measured(6e4), ()),
     }
 
 
+def _measured(amax):
+    """A convolution whose output the FP16 range analysis measured at +-amax."""
+    n = _conv(16, 32)
+    n.attrs["measured"] = {"tensor": "y", "amax": amax, "min": -amax, "max": amax,
+                           "nonfinite": 0}
+    return n
+
+
 def _ctx(profile, node, int8=()):
-    return R.Context(IRGraph([node], {}, set(), ["x"], ["y"]), profile, frozenset(int8))
+    measured = {node.name: node.attrs["measured"]} if "measured" in node.attrs else {}
+    return R.Context(IRGraph([node], {}, set(), ["x"], ["y"]), profile, frozenset(int8),
+                     measured)
 
 
 def test_doc_table_is_up_to_date():

@@ -108,6 +108,19 @@ def _run(a):
     outs = sess.run(feeds)
     for k, v in outs.items():
         print(f"{k}: shape {list(v.shape)} dtype {v.dtype}")
+    bad = [k for k, v in outs.items() if np.issubdtype(v.dtype, np.floating)
+           and not np.all(np.isfinite(v))]
+    if bad and a.report:
+        from ..runtime.reference import first_nonfinite
+        first = {k: v[:1] for k, v in sess.prepare_feeds(feeds).items()}
+        hit = first_nonfinite(sess.om, first, npu=a.device == "npu")
+        where = (f"kernel '{hit['kernel']}' ({hit['op']}) first produced inf/NaN "
+                 f"({hit['nonfinite']} value(s) in {hit['tensor']}; largest finite input "
+                 f"magnitude {hit['max_abs_input']:.3g})" if hit else
+                 "the first sample is finite; another sample produced it")
+        print(f"FP16 range: output(s) {', '.join(bad)} hold inf/NaN: {where}. Fix: scale that "
+              f"layer, keep it on the CPU in FP32, or quantize it (see the pre-check's "
+              f"fp16_range findings)")
     if a.output:
         with atomic_path(a.output) as tmp:
             with open(tmp, "wb") as f:

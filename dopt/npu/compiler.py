@@ -17,6 +17,7 @@ from ..formats import param_file as P
 from ..errors import DoptError
 from ..formats.fileio import existing_file
 from .costmodel import estimate
+from .fp16range import measure
 from .lower import IRGraph, IRNode, lower_onnx
 from .omfile import OmModel
 from .precheck import precheck
@@ -326,20 +327,41 @@ def check_params_against_model(doc: dict, model, file: str) -> None:
                             hint="use the parameter file produced together with this model")
 
 
+def analyze(model, profile: HardwareProfile, *, params: dict | None = None,
+            params_file: str | None = None, input_shapes=None, out_nodes=None,
+            op_name_map: dict | None = None, source: str | None = None,
+            fp16_check: bool = True, samples: dict | None = None):
+    """Prepare, lower and pre-check ``model`` as the compiler sees it: ``(prepared ONNX,
+    IR graph, report)``. ``dopt omg --mode 3`` and ``--mode 0`` share it, so the report
+    describes the graph that is compiled (constants folded, shape arithmetic gone).
+    ``fp16_check``: measure kernel outputs on ``samples`` (or seeded random inputs) for the
+    FP16 range rule."""
+    m = prepare(model, input_shapes=input_shapes, out_nodes=out_nodes, file=source)
+    if params is not None:
+        check_params_against_model(params, m, params_file)
+    layers = set(params["layers"]) if params else set()
+    g = lower_onnx(m)
+    for n in g.nodes:
+        if op_name_map and n.onnx_op in op_name_map:
+            n.op = op_name_map[n.onnx_op]
+    report = precheck(g, profile, layers)
+    if fp16_check:
+        cpu = {x["node"] for x in report["nodes"] if x["outcome"] == CPU}
+        ranges = measure(m, g, cpu, samples)
+        if ranges:
+            report = precheck(g, profile, layers, fp16_ranges=ranges)
+    return m, g, report
+
+
 def compile_onnx(model, profile: HardwareProfile, *, params: dict | None = None,
                  params_file: str | None = None, input_shapes=None, out_nodes=None,
                  weight_data_type: str = "FP16", op_name_map: dict | None = None,
                  source: str | None = None) -> tuple[OmModel, dict]:
     """Returns the compiled model and the pre-check report it was built from."""
-    m = prepare(model, input_shapes=input_shapes, out_nodes=out_nodes, file=source)
-    if params is not None:
-        check_params_against_model(params, m, params_file)
+    m, g, report = analyze(model, profile, params=params, params_file=params_file,
+                           input_shapes=input_shapes, out_nodes=out_nodes,
+                           op_name_map=op_name_map, source=source)
     layers = params["layers"] if params else {}
-    g = lower_onnx(m)
-    for n in g.nodes:
-        if op_name_map and n.onnx_op in op_name_map:
-            n.op = op_name_map[n.onnx_op]
-    report = precheck(g, profile, set(layers))
     kernels, tensors = _Builder(m, g, report, profile, layers, weight_data_type).build()
     inits = {i.name for i in m.graph.initializer}
     graph = {

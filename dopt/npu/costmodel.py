@@ -226,19 +226,25 @@ def _peak_activation_bytes(graph, plan) -> int:
     base: dict[str, str] = {}
 
     def root(t):
-        while t in base:
+        for _ in range(len(base) + 1):   # a chain visits each alias once: bounded walk
+            if t not in base:
+                return t
             t = base[t]
-        return t
+        raise AssertionError("alias cycle in the peak-memory walk")
+
+    def alias(t, target):
+        r, rt = root(t), root(target)
+        if r != rt and r not in graph.inputs:   # a tensor two concats share joins one buffer
+            base[r] = rt
 
     for n in graph.nodes:
         role = plan.role[n.name]
         if role in ("folded", "alias") and n.inputs:
             for t in n.outputs:
-                base[t] = n.inputs[0]
+                alias(t, n.inputs[0])
         elif role == "in_place":
             for t in (n.inputs if n.op == "ConcatD" else n.outputs):
-                if root(t) not in graph.inputs:
-                    base[root(t)] = n.outputs[0] if n.op == "ConcatD" else n.inputs[0]
+                alias(t, n.outputs[0] if n.op == "ConcatD" else n.inputs[0])
     first, last = {}, {}
     for t in graph.inputs:
         first[root(t)] = -1

@@ -84,10 +84,22 @@ def _check_framework(a) -> None:
                         "to ONNX and pass --framework 5")
 
 
+def _warn_fp16(report: dict) -> None:
+    """Say, at compile time, which layers FP16 cannot hold (the details are in the report)."""
+    import sys
+    rows = report["fp16_range"]
+    shown = "; ".join(f"{r['node']} ({r['kind']}, output range [{r['range'][0]:.3g}, "
+                      f"{r['range'][1]:.3g}])" for r in rows[:5])
+    more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+    print(f"WARNING: FP16 range: {len(rows)} NPU layer(s) leave what FP16 holds on the sample "
+          f"inputs: {shown}{more}. Their outputs on the NPU will be inf/NaN (overflow) or lose "
+          f"their signal (underflow). Fix: scale the layer, keep it on the CPU in FP32, or "
+          f"quantize it.", file=sys.stderr)
+
+
 def run_precheck(a) -> int:
-    from .compiler import check_params_against_model
-    from .lower import lower_onnx
-    from .precheck import precheck, render_text
+    from .compiler import analyze
+    from .precheck import render_text
     from .profile import load_profile
     from ..formats import param_file as P
 
@@ -96,13 +108,13 @@ def run_precheck(a) -> int:
         raise DoptError("--model is required", field="--model")
     shapes = parse_input_shape(a.input_shape, source="--input_shape") if a.input_shape else None
     doc = P.read_params(a.compress_conf) if a.compress_conf else None
-    model, doc, shapes, _ = _load_source(a, shapes, doc)
-    int8 = set()
-    if doc is not None:
-        check_params_against_model(doc, model, a.compress_conf)  # the same check as --mode 0
-        int8 = set(doc["layers"])
+    model, doc, shapes, out_nodes = _load_source(a, shapes, doc)
     profile = load_profile(a.profile)
-    report = precheck(lower_onnx(model, shapes), profile, int8)
+    _m, _g, report = analyze(model, profile, params=doc, params_file=a.compress_conf,
+                             input_shapes=shapes, out_nodes=out_nodes,
+                             source=a.model)   # the graph --mode 0 compiles
+    if report["fp16_range"]:
+        _warn_fp16(report)
     report["model"] = a.model
     dest = a.check_report or "check_report.json"
     write_json_atomic(dest, report)
@@ -151,6 +163,8 @@ def run_compile(a) -> int:
     if a.strict and report["summary"][CPU]:
         _refuse_fallback(report)
     print(render_text(report))
+    if report["fp16_range"]:
+        _warn_fp16(report)
     omfile.write_om(dest, om)
     if a.check_report:
         write_json_atomic(a.check_report, report)

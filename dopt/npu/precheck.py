@@ -8,8 +8,10 @@ from .profile import HardwareProfile
 from .rules import CPU, DEGRADED, FUSED, NPU, Context, Outcome, evaluate, runs_int8
 
 
-def precheck(graph: IRGraph, profile: HardwareProfile, int8_nodes=()) -> dict:
-    ctx = Context(graph, profile, frozenset(int8_nodes))
+def precheck(graph: IRGraph, profile: HardwareProfile, int8_nodes=(), *,
+             fp16_ranges: dict | None = None) -> dict:
+    """``fp16_ranges``: measured kernel outputs (``fp16range.measure``) for the FP16 rule."""
+    ctx = Context(graph, profile, frozenset(int8_nodes), fp16_ranges or {})
     nodes = []
     for n in graph.nodes:
         outcome, findings = evaluate(n, ctx)
@@ -17,7 +19,10 @@ def precheck(graph: IRGraph, profile: HardwareProfile, int8_nodes=()) -> dict:
                       "int8": outcome is not CPU and runs_int8(n, ctx),
                       "outcome": outcome.value,
                       "findings": [f.as_dict() for f in findings]})
+    fp16 = [{"node": x["node"], **f["values"]} for x in nodes for f in x["findings"]
+            if f["rule"] == "fp16_range"]
     return {"profile": profile.stamp(), "nodes": nodes, "op_types": _by_op_type(nodes),
+            "fp16_range": fp16,
             "partitions": _partitions(graph, nodes),
             "summary": {o.value: sum(1 for x in nodes if x["outcome"] == o)
                         for o in reversed(Outcome)}}

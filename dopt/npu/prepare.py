@@ -283,5 +283,181 @@ def prepare(model, *, input_shapes=None, out_nodes=None, file=None):
     if out_nodes:
         cut_outputs(m, out_nodes, file)
     strip_qdq(m)
+    sums_to_adds(m)
+    remove_inference_noops(m, file)
     fold_constants(m)
+    fold_shapes(m)
+    free_batch_reshapes(m)
     return infer_shapes(m, file)
+
+
+def remove_inference_noops(model, file=None) -> int:
+    """Drop what only training uses: Dropout (every opset form) and Identity pass their input
+    through, training-only outputs (Dropout masks, BatchNormalization's running statistics)
+    leave the graph. Returns the number of nodes removed."""
+    from onnx import helper
+    outputs = {o.name for o in model.graph.output}
+    consumers: dict[str, int] = {}
+    for n in model.graph.node:
+        for x in n.input:
+            consumers[x] = consumers.get(x, 0) + 1
+    rename: dict[str, str] = {}
+    kept, removed = [], 0
+    for n in model.graph.node:
+        if n.op_type == "BatchNormalization" and len(n.output) > 1:
+            extra = [t for t in n.output[1:] if t and (consumers.get(t) or t in outputs)]
+            if any(consumers.get(t) for t in extra):
+                raise DoptError(f"node '{n.name}' (BatchNormalization) feeds its running "
+                                f"statistics to other nodes: a training graph", file=file,
+                                field=n.name, hint="export the model in eval mode")
+            del n.output[1:]
+        if n.op_type not in ("Dropout", "Identity") or n.domain not in ("", "ai.onnx"):
+            kept.append(n)
+            continue
+        if n.op_type == "Dropout" and len(n.output) > 1 and consumers.get(n.output[1]):
+            raise DoptError(f"node '{n.name}' (Dropout) feeds its mask to other nodes: a "
+                            f"training graph", file=file, field=n.name,
+                            hint="export the model in eval mode (model.eval() before export)")
+        src, out = n.input[0], n.output[0]
+        while src in rename:                      # chains of no-ops, bounded by the node count
+            src = rename[src]
+        if out in outputs:
+            kept.append(helper.make_node("Identity", [src], [out], name=n.name))
+        else:
+            rename[out] = src
+        removed += 1
+    if rename:
+        for n in kept:
+            for i, x in enumerate(n.input):
+                if x in rename:
+                    n.input[i] = rename[x]
+    training_outputs = {t for n in model.graph.node if n.op_type == "Dropout"
+                        for t in list(n.output)[1:]}
+    keep_out = [o for o in model.graph.output if o.name not in training_outputs]
+    del model.graph.output[:]
+    model.graph.output.extend(keep_out)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return removed
+
+
+def fold_shapes(model, max_rounds: int | None = None) -> int:
+    """Shape/Size of tensors whose shape is fully known become constants, and what they feed
+    is folded with them: a compiled model has static shapes, so shape arithmetic (torch's
+    ``x.view(x.size(0), ...)``, channel shuffles, attention reshapes) leaves the graph instead
+    of running on the CPU. Bounded: one round per folded node at most."""
+    import onnx
+    from onnx import numpy_helper
+    import numpy as np
+    rounds = max_rounds or len(model.graph.node) + 1
+    total = 0
+    for _ in range(rounds):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        except Exception:  # noqa: BLE001 - no shapes, nothing to fold
+            return total
+        dims = {}
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + \
+                list(inferred.graph.output):
+            t = vi.type.tensor_type
+            if t.HasField("shape") and all(d.HasField("dim_value") and d.dim_value >= 0
+                                           for d in t.shape.dim):
+                dims[vi.name] = [d.dim_value for d in t.shape.dim]
+        for i in model.graph.initializer:
+            dims.setdefault(i.name, list(i.dims))
+        folded = 0
+        kept = []
+        for n in model.graph.node:
+            if n.op_type in ("Shape", "Size") and n.domain in ("", "ai.onnx") and \
+                    n.input[0] in dims:
+                d = dims[n.input[0]]
+                if n.op_type == "Size":
+                    val = np.array(int(np.prod(d, dtype=np.int64)), np.int64)
+                else:
+                    start = next((a.i for a in n.attribute if a.name == "start"), 0)
+                    end = next((a.i for a in n.attribute if a.name == "end"), None)
+                    val = np.array(d[slice(start, end)], np.int64)
+                model.graph.initializer.append(numpy_helper.from_array(val, n.output[0]))
+                folded += 1
+                continue
+            kept.append(n)
+        if not folded:
+            return total
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+        fold_constants(model)
+        total += folded
+    return total
+
+
+def free_batch_reshapes(model) -> int:
+    """A Reshape whose constant target starts with 1 (or -1) where both its input and its
+    output have batch 1 copies the batch instead (target[0] = 0): shapes were folded at
+    batch 1, and the compiled single-sample model still runs N samples at once."""
+    import onnx
+    from onnx import numpy_helper
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001
+        return 0
+    dim0 = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + \
+            list(inferred.graph.output):
+        d = vi.type.tensor_type.shape.dim
+        if d and d[0].HasField("dim_value"):
+            dim0[vi.name] = d[0].dim_value
+    inits = {i.name: i for i in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for n in model.graph.node:
+        for x in n.input:
+            uses[x] = uses.get(x, 0) + 1
+    changed = 0
+    for n in model.graph.node:
+        if n.op_type != "Reshape" or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        if any(a.name == "allowzero" and a.i for a in n.attribute):
+            continue
+        target = numpy_helper.to_array(inits[n.input[1]]).copy()
+        if target.ndim != 1 or not len(target) or target[0] not in (1, -1):
+            continue
+        if dim0.get(n.input[0]) != 1 or dim0.get(n.output[0]) != 1:
+            continue
+        target[0] = 0
+        name = n.input[1] if uses[n.input[1]] == 1 else f"{n.input[1]}/{n.name}/batch"
+        t = numpy_helper.from_array(target, name)
+        if name in inits:
+            inits[name].CopyFrom(t)
+        else:
+            model.graph.initializer.append(t)
+            inits[name] = model.graph.initializer[-1]
+            n.input[1] = name
+        changed += 1
+    return changed
+
+
+def sums_to_adds(model) -> int:
+    """``Sum`` (old exporters' residual add) becomes a chain of ``Add``: the NPU's Eltwise.
+
+    A one-input Sum is an Identity (removed with the other no-ops)."""
+    from onnx import helper
+    kept, changed = [], 0
+    for n in model.graph.node:
+        if n.op_type != "Sum" or n.domain not in ("", "ai.onnx"):
+            kept.append(n)
+            continue
+        ins = [x for x in n.input if x]
+        if len(ins) == 1:
+            kept.append(helper.make_node("Identity", ins, [n.output[0]], name=n.name))
+        else:
+            acc = ins[0]
+            for i, x in enumerate(ins[1:], 1):
+                out = n.output[0] if i == len(ins) - 1 else f"{n.output[0]}/sum{i}"
+                kept.append(helper.make_node("Add", [acc, x], [out],
+                                             name=n.name if i == len(ins) - 1
+                                             else f"{n.name}/sum{i}"))
+                acc = out
+        changed += 1
+    if changed:
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+    return changed

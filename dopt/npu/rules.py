@@ -19,6 +19,8 @@ from enum import Enum
 
 from ..errors import DoptError, run_cli
 from ..formats.fileio import existing_file
+from ..quant.numerics import FP16_MAX, FP16_MIN_NORMAL
+from .fp16range import problem as fp16_problem
 from .lower import IRGraph, IRNode
 from .profile import DEFAULT_PROFILE, HardwareProfile, load_profile
 
@@ -97,6 +99,7 @@ class Context:
     graph: IRGraph
     profile: HardwareProfile
     int8_nodes: frozenset = frozenset()
+    fp16_ranges: dict = field(default_factory=dict)   # kernel -> measured output (fp16range)
 
 
 class _Unfilled(dict):
@@ -111,6 +114,8 @@ def profile_facts(profile: HardwareProfile) -> dict:
     facts = {k: v for k, v in profile.alignment.items() if k != "notes"}
     facts["low_stars"] = LOW_STARS
     facts["shape_only_ops"] = ", ".join(n for n in profile.operators if profile.is_shape_only(n))
+    facts["fp16_max"] = f"{FP16_MAX:g}"
+    facts["fp16_min_normal"] = f"{FP16_MIN_NORMAL:.2g}"
     return facts
 
 
@@ -296,6 +301,22 @@ def low_recommendation(n: IRNode, ctx: Context) -> Failed | None:
     if entry and entry["stars"] <= LOW_STARS:
         return fail(f"{n.op} is rated {'☆' * entry['stars']} by the operator guide: "
                     f"{entry['guide_en']}", stars=entry["stars"])
+
+
+@rule(DEGRADED, hint="scale this layer down (and the next one up), keep it on the CPU in FP32 "
+                    "(exclude it from the NPU), or quantize it to INT8")
+def fp16_range(n: IRNode, ctx: Context) -> Failed | None:
+    """An NPU kernel's FP16 output must fit IEEE half: |x| <= {fp16_max} (beyond, inf and NaN)
+    and not all below {fp16_min_normal} (the smallest normal half; below, the signal drains
+    away). Measured by one float32 run on sample inputs before compiling."""
+    info = ctx.fp16_ranges.get(n.name)
+    kind = info and fp16_problem(info)
+    if kind:
+        return fail(f"FP16 {kind}: output {info['tensor']} ranges over [{info['min']:.3g}, "
+                    f"{info['max']:.3g}]" + (f" with {info['nonfinite']} non-finite value(s)"
+                                            if info["nonfinite"] else "")
+                    + " on the sample inputs", kind=kind, tensor=info["tensor"],
+                    range=[info["min"], info["max"]], amax=info["amax"])
 
 
 def evaluate(n: IRNode, ctx: Context) -> tuple[Outcome, list[Finding]]:

@@ -272,3 +272,26 @@ class ReferenceEngine:
         if keep_all:
             return env
         return {o["name"]: env[o["name"]] for o in g["outputs"]}
+
+
+def first_nonfinite(om, feeds: dict, *, npu: bool = True) -> dict | None:
+    """The first kernel (graph order) whose output holds inf/NaN for ``feeds``, or None.
+
+    Runs the reference interpreter kernel by kernel; what it reports is where FP16 (or the
+    model) first left the finite range, with the largest finite input magnitude it saw."""
+    eng = ReferenceEngine(om, npu=npu)
+    env = eng.run(feeds, keep_all=True)
+    for k in om.graph["kernels"]:
+        for t in k["outputs"]:
+            v = env.get(t)
+            if isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.floating) \
+                    and not np.all(np.isfinite(v)):
+                ins = [env[x] for x in k["inputs"] if x in env and x not in om.tensors
+                       and isinstance(env[x], np.ndarray)
+                       and np.issubdtype(env[x].dtype, np.floating)]
+                amax = max((float(np.abs(x[np.isfinite(x)]).max(initial=0)) for x in ins),
+                           default=0.0)
+                return {"kernel": k["name"], "op": k["op"], "tensor": t,
+                        "nonfinite": int(np.size(v) - np.isfinite(v).sum()),
+                        "max_abs_input": amax}
+    return None

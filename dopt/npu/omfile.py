@@ -63,7 +63,7 @@ def _bad(path, what, *, field=None, expected=None, found=None):
 def write_om(path, model: OmModel) -> None:
     entries, chunks, offset = [], [], 0
     for name, arr in model.tensors.items():
-        a = np.ascontiguousarray(arr)
+        a = np.asarray(arr, order="C")   # keeps 0-d (ascontiguousarray makes it 1-d)
         dt = str(a.dtype)
         if dt not in DTYPES:
             raise DoptError(f"tensor '{name}' has dtype {dt}, which .om files do not hold",
@@ -234,7 +234,7 @@ def to_json(model: OmModel) -> dict:
             "profile": model.profile, "graph": model.graph, "quant": model.quant,
             "meta": model.meta,
             "tensors": {k: {"dtype": str(v.dtype), "shape": list(v.shape),
-                            "data": base64.b64encode(np.ascontiguousarray(v).tobytes())
+                            "data": base64.b64encode(np.asarray(v, order="C").tobytes())
                             .decode("ascii")} for k, v in model.tensors.items()}}
 
 

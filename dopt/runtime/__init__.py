@@ -36,6 +36,7 @@ class Session:
                             found=repr(engine))
         check_graph(om, path)
         self.om, self.device, self.engine_name, self.path = om, device, engine, path
+        self._per_sample = False
         if device == "cpu":
             half = sorted(n for n, t in om.tensors.items() if t.dtype == np.float16)
             if half:
@@ -89,12 +90,37 @@ class Session:
                 a = a.astype(np.float32, copy=False)
             else:
                 a = a.astype(i["dtype"], copy=False)
-            out[i["name"]] = np.ascontiguousarray(a)
+            out[i["name"]] = np.asarray(a, order="C")
         return out
 
     def run(self, feeds) -> dict[str, np.ndarray]:
-        """Inputs as ``{name: array}`` (or one array for single-input models)."""
-        return self._engine.run(self.prepare_feeds(feeds))
+        """Inputs as ``{name: array}`` (or one array for single-input models).
+
+        N samples are N independent inferences of the compiled model. A graph whose shapes
+        were fixed at batch 1 (a folded ``expand`` of a class token, a reshape by
+        ``batch * windows``) cannot take N at once: then the samples run one by one, and the
+        session remembers it."""
+        feeds = self.prepare_feeds(feeds)
+        sizes = {len(v) for v in feeds.values() if np.ndim(v)}
+        size = sizes.pop() if len(sizes) == 1 else 1
+        if size == 1:
+            return self._engine.run(feeds)
+        if self._per_sample:
+            return self._run_per_sample(feeds, size)
+        try:
+            outs = self._engine.run(feeds)
+            if all(np.ndim(v) and len(v) == size for v in outs.values()):
+                return outs
+        except DoptError:
+            if not all(i["shape"] and i["shape"][0] == 1 for i in self.inputs):
+                raise
+        self._per_sample = True
+        return self._run_per_sample(feeds, size)
+
+    def _run_per_sample(self, feeds: dict, size: int) -> dict[str, np.ndarray]:
+        parts = [self._engine.run({k: v[i:i + 1] for k, v in feeds.items()})
+                 for i in range(size)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def predict(self, x, batch_size: int = 256) -> np.ndarray:
         """First output for a large single-input array, evaluated in batches."""

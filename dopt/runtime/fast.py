@@ -162,7 +162,7 @@ class _GraphBuilder:
             a = self.om.tensors[name] if arr is None else arr
             if a.dtype == np.float16:
                 a = a.astype(np.float32)
-            self.inits.append(self.nh.from_array(np.ascontiguousarray(a), name))
+            self.inits.append(self.nh.from_array(np.asarray(a, order="C"), name))
             self.done_inits.add(name)
         return name
 

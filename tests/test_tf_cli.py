@@ -299,8 +299,8 @@ def test_tf_no_training_demo(tmp_path):
     assert res["npu_vs_qdq_agreement"] >= 99.0
 
 
-def test_fixed_batch_model_fed_another_batch_is_a_clear_error(tmp_path):
-    """tf2onnx bakes a fixed batch into its NHWC->NCHW Reshape: the runtime says so."""
+def test_fixed_batch_model_runs_any_batch(tmp_path):
+    """tf2onnx bakes a fixed batch into its NHWC->NCHW Reshape; the compiled model still runs N."""
     from dopt import runtime
     from dopt.errors import DoptError
     tf1 = tf.compat.v1
@@ -315,8 +315,16 @@ def test_fixed_batch_model_fed_another_batch_is_a_clear_error(tmp_path):
     assert r.returncode == 0, r.stderr
     s = runtime.load(str(tmp_path / "b1.om"))
     assert s.run(np.ones((1, 8, 8, 1), np.float32))
-    with pytest.raises(DoptError, match="batch"):
-        s.run(np.ones((4, 8, 8, 1), np.float32))
+    # N samples are N inferences of the compiled batch-1 model: the reshape's fixed batch is
+    # freed at compile time (or the samples run one by one), never a wrong answer
+    x = np.random.default_rng(0).standard_normal((4, 8, 8, 1)).astype(np.float32)
+    name = s.outputs[0]
+    whole = s.run(x)[name]
+    one_by_one = np.concatenate([s.run(x[i:i + 1])[name] for i in range(4)])
+    assert whole.shape[0] == 4
+    np.testing.assert_array_equal(whole, one_by_one)
+    with pytest.raises(DoptError, match="shape"):
+        s.run(np.ones((4, 8, 9, 1), np.float32))   # a wrong sample shape stays an error
 
 
 def test_keras_application_mobilenetv2_fp16_and_int8(tmp_path):
@@ -331,7 +339,9 @@ def test_keras_application_mobilenetv2_fp16_and_int8(tmp_path):
     assert r["int8_layers"] >= 40
     for key in ("fp16", "int8"):
         assert r[key]["summary"]["cpu"] == len(r[key]["cpu_fallbacks"]) == 0
-        assert r[key]["summary"]["npu"] > 50
+        # on the NPU, at its best or degraded: the untrained network's activations shrink
+        # below the smallest normal half in its later blocks, which the FP16 range rule flags
+        assert r[key]["summary"]["npu"] + r[key]["summary"]["npu_degraded"] > 50
     assert r["int8"]["om_mb"] < 0.6 * r["fp16"]["om_mb"]
 
 

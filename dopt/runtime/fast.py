@@ -417,9 +417,15 @@ class FastEngine:
         try:
             self.sess = session(self.model, threads)
         except Exception as e:  # noqa: BLE001 - report which model failed, not ORT internals
-            raise DoptError(f"the compiled graph cannot be loaded by the fast engine "
-                            f"({str(e).splitlines()[0][:300]})",
-                            hint="run with engine='reference' and report this model") from None
+            import re
+            msg = str(e).splitlines()[0]
+            node = re.search(r"Node \(([^)]*)\)", msg)
+            raise DoptError("the fast engine (ONNX Runtime) does not take this compiled graph"
+                            + (f" at node '{node.group(1)}'" if node else "")
+                            + f": {msg.split('FAIL :')[-1].strip()[:300]}",
+                            field=node.group(1) if node else None,
+                            hint="run it with engine='reference' (the kernel-by-kernel "
+                                 "interpreter, same numerics, slower)") from None
         self.names = [o.name for o in self.sess.get_outputs()]
 
     def run(self, feeds: dict) -> dict:

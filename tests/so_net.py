@@ -21,3 +21,17 @@ class Net(nn.Module):
         y = torch.relu(self.bn3(self.pw(y)))
         y = torch.relu(self.conv2(y))
         return self.fc(y.mean((2, 3)))
+
+
+def trained_like(seed=0):
+    """``Net`` in eval mode with non-trivial BatchNorm statistics (as after training)."""
+    torch.manual_seed(seed)
+    net = Net().eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.3)
+    return net

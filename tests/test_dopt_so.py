@@ -88,15 +88,7 @@ def work(tmp_path_factory):
     sys.path.insert(0, str(HERE))
     import so_net
     sys.path.pop(0)
-    torch.manual_seed(0)
-    net = so_net.Net().eval()
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.3, 0.3)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.1, 0.3)
+    net = so_net.trained_like(0)
     torch.save(net.state_dict(), d / "net.pth")
     torch.onnx.export(net, (torch.zeros(1, 3, 128, 128),), str(d / "m.onnx"), dynamo=False,
                       opset_version=17, input_names=["input"], output_names=["logits"],

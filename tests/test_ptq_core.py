@@ -147,16 +147,7 @@ def _so_net(seed=0):
     sys.path.insert(0, str(HERE))
     import so_net
     sys.path.pop(0)
-    torch.manual_seed(seed)
-    net = so_net.Net().eval()
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.3, 0.3)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.1, 0.3)
-    return net
+    return so_net.trained_like(seed)
 
 
 def test_torch_and_onnx_backends_agree(tmp_path):

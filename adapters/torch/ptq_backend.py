@@ -49,6 +49,7 @@ class TorchPtqBackend:
         self.names = L.quantizable_layers(model)
         self.bn = L.conv_bn_pairs(model)
         self.qmodel = None
+        self._handles: list = []   # calibration hooks, removed before writing
 
     # -- the model's layers ------------------------------------------------------------
 
@@ -164,8 +165,7 @@ class TorchPtqBackend:
                 seen.setdefault(name, []).append(_np(args[0]))
             return pre
 
-        handles = [self.mods[n].register_forward_pre_hook(hook(n)) for n in inputs]
-        self._handles = handles
+        self._handles = [self.mods[n].register_forward_pre_hook(hook(n)) for n in inputs]
 
         def run(feed: dict) -> dict:
             seen.clear()
@@ -182,8 +182,9 @@ class TorchPtqBackend:
         return run
 
     def write(self, plan: QuantPlan) -> dict:
-        for h in getattr(self, "_handles", []):
+        for h in self._handles:
             h.remove()
+        self._handles = []
         self.model.cpu()
         shape = ";".join(f"{k}:{','.join(map(str, v))}" for k, v in self.input_shapes.items())
         gen = self.work / "config_gen.json"

@@ -20,6 +20,8 @@ def _run(*args, timeout=600):
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
 
 
+@pytest.mark.slow   # ~4 min on 2 cores, most of it building the QAT graph; the Keras
+# adapter's own tests cover calibration, QAT with fit and the compiled-model agreement
 def test_keras_demo_short(tmp_path):
     r = _run("demos.keras_fashion_mnist.demo", "--out", str(tmp_path), "--calib", "256",
              "--qat-epochs", "0.05")

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dopt import plugin_manager
+from dopt.calib.loop import resolve_algorithm
 from dopt.formats.strategy_config import (FLOAT, INT8, check_against_model, format_input_shape, load_config,
                          parse_input_shape, write_config)
 from dopt.errors import DoptError
@@ -239,8 +239,7 @@ def optimize_model(model, config_path):
     cfg = load_config(config_path)
     if cfg.input_shape:
         check_input_shape(model, cfg.input_shapes, file=cfg.path)
-    algorithms = plugin_manager.range_algorithms()
-    check_against_model(cfg, quantizable_layers(model), STRATEGIES, algorithms)
+    check_against_model(cfg, quantizable_layers(model), STRATEGIES, resolve_algorithm)
     quantized = cfg.quantized_layers()
     by_name = {layer.name: layer for layer in KL.walk_layers(model)}
     for name in quantized:

@@ -74,14 +74,8 @@ class _Switches(tf.Module):
 
 
 def _observer_factory(algorithm: str):
-    from dopt import plugin_manager
-    algs = plugin_manager.range_algorithms()
-    if algorithm not in algs:
-        from dopt.errors import DoptError
-        raise DoptError(f"unknown activation range algorithm '{algorithm}'",
-                        expected=" or ".join(sorted(algs)),
-                        hint="install the plugin that provides it")
-    return algs[algorithm]
+    from dopt.calib.loop import range_observer
+    return range_observer(algorithm, default=None)
 
 
 class ActRange:

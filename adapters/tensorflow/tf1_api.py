@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
-from dopt import plugin_manager
+from dopt.calib.loop import range_observer, resolve_algorithm
 from dopt.formats.strategy_config import FLOAT, INT8, check_against_model, load_config, write_config
 from dopt.errors import DoptError
 from dopt.formats.param_file import TF_OP_TYPES
@@ -327,9 +327,8 @@ def optimize_model(sess, config_file, is_train_flag, quant_flag):
                         hint="build the float graph afresh (new tf.Graph) for another run")
     cfg = load_config(config_file)
     all_layers = find_layers(g)
-    algorithms = plugin_manager.range_algorithms()
     check_against_model(cfg, {k: v.op_type for k, v in all_layers.items()}, STRATEGIES,
-                        algorithms)
+                        resolve_algorithm)
     wanted = set(cfg.quantized_layers())
     order = [n for n in all_layers if n in wanted]
     for name in order:
@@ -349,7 +348,7 @@ def optimize_model(sess, config_file, is_train_flag, quant_flag):
                             hint="fetch a tf.identity(...) of it instead of the BatchNorm "
                                  "output itself")
     with g.as_default(), g.name_scope(None), _v1_conds():
-        st = _build(g, cfg, all_layers, order, algorithms, is_train_flag, quant_flag)
+        st = _build(g, cfg, all_layers, order, is_train_flag, quant_flag)
     # nothing runs here: the dopt variables are initialized by the user's
     # global_variables_initializer() (or by the float-restore fallback)
     _STATES[g] = st
@@ -384,7 +383,7 @@ def _dopt_variables(st: _State):
     return out
 
 
-def _build(g, cfg, all_layers, order, algorithms, is_train_flag, quant_flag) -> _State:
+def _build(g, cfg, all_layers, order, is_train_flag, quant_flag) -> _State:
     st = _State(str(cfg.path), quant_flag, is_train_flag, all_layers=all_layers)
     with tf.name_scope("dopt/"):
         q_on = tf.reshape(tf.greater(quant_flag, 0), [], name="quant_on")
@@ -401,7 +400,7 @@ def _build(g, cfg, all_layers, order, algorithms, is_train_flag, quant_flag) -> 
     for name in order:
         layer = all_layers[name]
         alg = cfg.range_algorithm(name)
-        st.layers[name] = _rewrite(g, layer, alg, algorithms[alg], st, flags)
+        st.layers[name] = _rewrite(g, layer, alg, range_observer(alg, default=None), st, flags)
     for name, layer in all_layers.items():
         if name not in st.layers and not layer.bn_training:
             st.fp16_tensors[name] = _rewrite_fp16(g, layer, flags)

@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch import nn
 
-from dopt import plugin_manager
+from dopt.calib.loop import range_observer, resolve_algorithm
 from dopt.formats.strategy_config import (check_against_model, format_input_shape, load_config,
                          parse_input_shape, write_config)
 from dopt.errors import DoptError
@@ -85,8 +85,7 @@ def optimize_model(model, config_path):
     cfg = load_config(config_path)
     if cfg.input_shape:
         check_input_names(model, cfg.input_shapes, file=cfg.path)
-    algorithms = plugin_manager.range_algorithms()
-    check_against_model(cfg, L.quantizable_layers(model), L.STRATEGIES, algorithms)
+    check_against_model(cfg, L.quantizable_layers(model), L.STRATEGIES, resolve_algorithm)
     quantized = cfg.quantized_layers()
     mods = dict(model.named_modules())
     narrow = npu_skips_int8(mods, quantized)
@@ -100,7 +99,7 @@ def optimize_model(model, config_path):
     for name in quantized:
         m = mods[name]
         alg = cfg.range_algorithm(name)
-        act = ActQuantizer(algorithms[alg], alg)
+        act = ActQuantizer(range_observer(alg, default=None), alg)
         if isinstance(m, nn.Conv2d):
             bn_name = pairs.get(name)
             bn = mods[bn_name] if bn_name else None

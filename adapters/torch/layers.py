@@ -25,19 +25,28 @@ def quantizable_layers(model: nn.Module) -> dict[str, str]:
             if name and isinstance(m, QUANTIZABLE)}
 
 
-def conv_bn_pairs(model: nn.Module) -> dict[str, str]:
-    """``{conv name: bn name}`` where a Conv2d's only consumer is a BatchNorm2d.
-
-    Found by tracing the model with torch.fx; a model that does not trace keeps
-    its BatchNorms unfolded (still correct, just not folded) and says so.
-    """
+def trace(model: nn.Module):
+    """The model's torch.fx graph module, or ``None`` (with a warning) when its forward does
+    not trace: such a model keeps its BatchNorms unfolded (still correct, just not folded)."""
     import torch.fx
 
     try:
-        gm = torch.fx.symbolic_trace(model)
+        return torch.fx.symbolic_trace(model)
     except Exception as e:  # untraceable forward: no folding, which is still correct
         warnings.warn(f"dopt: could not trace {type(model).__name__} with torch.fx ({e}); "
                       "BatchNorm layers will not be folded into convolutions", stacklevel=3)
+        return None
+
+
+def conv_bn_pairs(model: nn.Module, gm=False) -> dict[str, str]:
+    """``{conv name: bn name}`` where a Conv2d's only consumer is a BatchNorm2d.
+
+    Found on the model's torch.fx graph ``gm`` (traced here unless given; ``None``: the
+    model did not trace, no pairs).
+    """
+    if gm is False:
+        gm = trace(model)
+    if gm is None:
         return {}
     mods = dict(model.named_modules())
     calls: dict[str, int] = {}

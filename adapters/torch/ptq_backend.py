@@ -47,7 +47,8 @@ class TorchPtqBackend:
         self.input_shapes, self.work, self.log = input_shapes, Path(work), log
         self.mods = dict(model.named_modules())
         self.names = L.quantizable_layers(model)
-        self.bn = L.conv_bn_pairs(model)
+        self.gm = L.trace(model)     # one trace serves BN folding and CLE pairs
+        self.bn = L.conv_bn_pairs(model, self.gm)
         self.qmodel = None
         self._handles: list = []   # calibration hooks, removed before writing
 
@@ -76,12 +77,10 @@ class TorchPtqBackend:
         return _np(w)
 
     def equalization_pairs(self) -> list[tuple[str, str]]:
-        import torch.fx
-        try:
-            gm = torch.fx.symbolic_trace(self.model)
-        except Exception as e:  # noqa: BLE001 - an untraceable forward only loses CLE
+        gm = self.gm
+        if gm is None:   # an untraceable forward only loses CLE
             self.log(f"cross-layer equalization skipped: {type(self.model).__name__} does not "
-                     f"trace with torch.fx ({type(e).__name__})")
+                     f"trace with torch.fx")
             return []
         calls: dict[str, int] = {}
         for n in gm.graph.nodes:

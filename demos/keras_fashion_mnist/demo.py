@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--qat-epochs", type=float, default=0.5,
                     help="passes over the shipped 12k training subset")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--test-limit", type=int, default=0,
+                    help="evaluate on the first N test images only (0: all 10,000)")
     a = ap.parse_args(argv)
     from dopt.dopt_tf.opt_main import (generate_config_file, generate_final_model,
                                        optimize_model, set_calibrate_state)
@@ -51,6 +53,8 @@ def main(argv=None) -> int:
     xtr, ytr = data.load("train")
     xte, yte = data.load("test")
     xtr, xte = qat.nhwc(xtr), qat.nhwc(xte)
+    if a.test_limit:
+        xte, yte = xte[:a.test_limit], yte[:a.test_limit]
 
     def float_model():
         m = models.build(a.model)

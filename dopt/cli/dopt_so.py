@@ -177,6 +177,12 @@ def run(argv=None, log=_log) -> dict:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["-c"], ["--config"]) or any(a.startswith("--config=") for a in argv[:1]):
+        # the reference's training entry: `python3 dopt_so.py -c scen.yaml` (NASEA)
+        from ..nas.cli import main as nas_main
+        return nas_main(argv)
+
     def body():
         for kind, path in run(argv).items():
             print(f"{kind}: {path}")

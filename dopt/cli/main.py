@@ -5,6 +5,7 @@ Every user error prints one paragraph on stderr and exits 2; nothing is half-wri
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -129,6 +130,19 @@ def _run(a):
     return 0
 
 
+# Sub-commands that parse their own flags: name -> (module, function taking argv, help).
+DELEGATED: dict[str, tuple[str, str, str]] = {
+    "omg": ("..npu.omg", "main", "emulated offline model compiler (reference OMG flags)"),
+    "deploy": ("..deploy.cli", "deploy_main",
+               "convert, quantize, compile, evaluate, gate and sign in one run (deploy.yaml)"),
+    "sensitivity": ("..deploy.cli", "sensitivity_main",
+                    "per-layer quantization sensitivity table, JSON and chart"),
+    "sign": ("..deploy.cli", "sign_main", "sign a deployment folder"),
+    "verify": ("..deploy.cli", "verify_main", "verify a signed deployment folder"),
+    "nas": ("..nas.cli", "main", "hardware-aware architecture search (scen.yaml)"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dopt", description="dopt: models to a mobile NPU")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -145,9 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weight", required=True, help="quant checkpoint (.pth state dict)")
     s.add_argument("--output_dir", default="./")
     s.set_defaults(fn=_torch_final)
-    # listed for --help; its flags are the reference OMG's and are parsed by dopt.npu.omg
-    sub.add_parser("omg", help="emulated offline model compiler (reference OMG flags; "
-                   "`dopt omg -h`)", add_help=False)
+    # listed for --help; each parses its own flags (`dopt <command> -h`)
+    for name, (_mod, _fn, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     s = sub.add_parser("run", help="run a compiled .om on the emulated NPU (or the CPU)")
     s.add_argument("--om", required=True, help="compiled model")
     s.add_argument("--input", action="append", help="file.npy, or name=file.npy per input")
@@ -168,11 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["omg"]:
-        from ..npu.omg import main as omg_main
+    if argv[:1] and argv[0] in DELEGATED:
+        mod, attr, _ = DELEGATED[argv[0]]
 
         def fn():
-            return omg_main(argv[1:])
+            return getattr(importlib.import_module(mod, __package__), attr)(argv[1:])
     else:
         a = build_parser().parse_args(argv)
 

@@ -7,24 +7,30 @@ weight / input quantization, ``set_calibrate_state`` activation range collection
 """
 from __future__ import annotations
 
+from os import PathLike
+from typing import TYPE_CHECKING, Literal, Union
+
 from ..plugin_manager import call
+
+if TYPE_CHECKING:   # annotations only: the core never imports a framework at run time
+    from torch import nn
 
 __all__ = ["optimize_model", "set_quant_state", "set_calibrate_state", "set_run_mode"]
 
 
-def optimize_model(base_model, dopt_config):
+def optimize_model(base_model: nn.Module, dopt_config: Union[str, "PathLike[str]"]) -> nn.Module:
     return call("optimize_model", base_model, want="llm", config_path=str(dopt_config),
                 options={})
 
 
-def set_quant_state(model, weight_state=True, input_state=True):
+def set_quant_state(model: nn.Module, weight_state: bool = True, input_state: bool = True) -> None:
     return call("set_quant_state", model, want="llm", weight_state=bool(weight_state),
                 input_state=bool(input_state))
 
 
-def set_calibrate_state(model, flag):
+def set_calibrate_state(model: nn.Module, flag: bool) -> None:
     return call("set_calibrate_state", model, want="llm", calibrate=bool(flag))
 
 
-def set_run_mode(model, mode="hardware"):
+def set_run_mode(model: nn.Module, mode: Literal["hardware", "train"] = "hardware") -> None:
     return call("set_run_mode", model, want="llm", mode=mode)

@@ -7,7 +7,17 @@ the TensorFlow adapter required, so a missing ``dopt[tf]`` install is a clear er
 """
 from __future__ import annotations
 
+from os import PathLike
+from typing import TYPE_CHECKING, Any, Union
+
 from ..plugin_manager import call
+
+if TYPE_CHECKING:   # annotations only: the core never imports a framework at run time
+    import keras
+    import tensorflow as tf
+
+StrPath = Union[str, "PathLike[str]"]
+SessOrModel = Union["tf.compat.v1.Session", "keras.Model"]
 
 __all__ = ["generate_config_file", "optimize_model", "set_calibrate_state", "get_quant_loss",
            "generate_final_model", "freeze_bn_stats"]
@@ -15,28 +25,34 @@ __all__ = ["generate_config_file", "optimize_model", "set_calibrate_state", "get
 WANT = "tensorflow"
 
 
-def generate_config_file(sess_or_model, dst_path="./config_gen.json", input_shape=None):
+def generate_config_file(sess_or_model: SessOrModel, dst_path: StrPath = "./config_gen.json",
+                         input_shape: str | None = None) -> None:
+    """Write the per-layer strategy JSON for the session's graph or the Keras model."""
     return call("generate_config_file", sess_or_model, want=WANT, dst_path=dst_path,
                 input_shape=input_shape, options={})
 
 
-def optimize_model(sess_or_model, config_file, is_train_flag=None, quant_flag=None):
+def optimize_model(sess_or_model: SessOrModel, config_file: StrPath,
+                   is_train_flag: Any = None, quant_flag: Any = None) -> Any:
     """TF1: rewrites the session's graph in place (and returns it; the reference returns
     nothing). Keras: returns the quantized model (build the optimizer on it)."""
     return call("optimize_model", sess_or_model, want=WANT, config_path=config_file,
                 options={"is_train_flag": is_train_flag, "quant_flag": quant_flag})
 
 
-def set_calibrate_state(sess_or_model, calibration_mode):
+def set_calibrate_state(sess_or_model: SessOrModel, calibration_mode: bool) -> None:
+    """Switch activation-range collection on (calibration) or off."""
     return call("set_calibrate_state", sess_or_model, want=WANT,
                 calibrate=bool(calibration_mode))
 
 
-def get_quant_loss(sess_or_model):
+def get_quant_loss(sess_or_model: SessOrModel) -> Any:
+    """The quantization regularization loss to add to the task loss."""
     return call("get_quant_loss", sess_or_model, want=WANT)
 
 
-def generate_final_model(sess_or_model, config_file, *args, **kwargs):
+def generate_final_model(sess_or_model: SessOrModel, config_file: StrPath, *args: Any,
+                         **kwargs: Any) -> dict[str, str]:
     """TF1 (reference): ``(sess, config_file, output_name_list, ckpt_file, output_dir="./")``.
     Keras: ``(model, config_file, weights_file=None, output_dir="./")`` where ``weights_file``
     (alias ``ckpt_file``) is the quantized model's ``.weights.h5`` / ``.keras``; pass the
@@ -71,6 +87,6 @@ def _bind(fn, args, kwargs):
     return fn(*args, **kwargs)
 
 
-def freeze_bn_stats(quant_model, freeze=True):
+def freeze_bn_stats(quant_model: keras.Model, freeze: bool = True) -> None:
     """dopt addition (Keras): freeze BatchNorm statistics of folded layers."""
     return call("freeze_bn_stats", quant_model, want=WANT, freeze=bool(freeze))

@@ -13,6 +13,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ..errors import DoptError
 from .fileio import write_json_atomic
@@ -180,8 +181,13 @@ def load_config(path) -> QuantConfig:
 
 
 def check_against_model(cfg: QuantConfig, model_layers: dict[str, str],
-                        allowed: dict[str, tuple[str, ...]], range_algorithms=()) -> None:
-    """Every configured layer must exist with the same op type and an allowed strategy."""
+                        allowed: dict[str, tuple[str, ...]],
+                        resolve_algorithm: Callable[..., str] | None = None) -> None:
+    """Every configured layer must exist with the same op type and an allowed strategy.
+
+    ``resolve_algorithm`` is ``dopt.calib.loop.resolve_algorithm`` (the one check of a
+    range-algorithm name; passed in because this layer sits below the plugin manager).
+    """
     for name, ls in cfg.layers.items():
         fld = f"layer_strategy.{name}"
         if name not in model_layers:
@@ -202,9 +208,6 @@ def check_against_model(cfg: QuantConfig, model_layers: dict[str, str],
             raise DoptError(f"strategy '{ls.quant_strategy}' is not supported for layer '{name}' "
                             f"of op type {actual}", file=cfg.path, field=f"{fld}.quant_strategy",
                             expected=" or ".join(ok))
-        alg = cfg.range_algorithm(name)
-        if range_algorithms and alg not in range_algorithms:
-            raise DoptError(f"unknown activation range algorithm '{alg}' for layer '{name}'",
-                            file=cfg.path, field=f"{fld}.activation_range",
-                            expected=" or ".join(sorted(range_algorithms)),
-                            hint="install the plugin that provides it or choose a listed one")
+        if resolve_algorithm is not None:
+            resolve_algorithm(cfg.range_algorithm(name), file=cfg.path,
+                              field=f"{fld}.activation_range", layer=name, default=None)

@@ -334,6 +334,26 @@ def dopt_llm_run_stage(adapter: str, job: LlmJob) -> dict[str, str] | None:
     """
 
 
+# --- architecture search (``dopt nas``; adapter operation) ------------------------------
+
+
+@hookspec(firstresult=True)
+def dopt_nas_backend(adapter: str) -> type | None:
+    """The class that trains and evaluates NASEA candidates in the adapter's framework.
+
+    The framework-free search (``dopt.nas``) builds it as ``cls(cfg, user_module,
+    log=...)`` and drives it through the ``dopt.nas.backend.NasBackend`` protocol:
+    supernet training, sub-net evaluation with the user's metric, size and MACs, ONNX
+    export for the NPU cost model, and ``model_arch_result_N.py`` files (``docs/nas.md``).
+
+    :param adapter: the adapter of the scenario's ``framework`` (``torch`` for PyTorch,
+        ``tensorflow`` for TensorFlow); the call reaches only that adapter's
+        implementation.
+    :returns: the backend class (not an instance), or ``None``.
+    :firstresult: yes: the chosen adapter's result, ``None`` if it does not implement it.
+    """
+
+
 # --- introspection ----------------------------------------------------------------------
 
 

@@ -26,7 +26,7 @@ def dopt_adapter_info():
     return {"name": NAME, "framework": "PyTorch", "extra": "torch",
             "accepts": "a torch.nn.Module (optionally wrapped in DistributedDataParallel)",
             "operations": ["generate_config_file", "optimize_model", "set_calibrate_state",
-                           "get_quant_loss", "generate_final_model"],
+                           "get_quant_loss", "generate_final_model", "nas_backend"],
             "strategies": ["float", "Quant_INT8-8"],
             "options": {op: list(names) for op, names in OPTIONS.items()}}
 
@@ -87,3 +87,9 @@ def dopt_claim_file(framework, model_path):
 def dopt_quantize_file(job):
     from .so import quantize_job
     return quantize_job(job)
+
+
+@hookimpl
+def dopt_nas_backend():
+    from .nas_backend import TorchNasBackend
+    return TorchNasBackend

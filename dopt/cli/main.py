@@ -85,7 +85,9 @@ def _run(a):
     import numpy as np
     from .. import runtime
     from ..formats.fileio import atomic_path
-    sess = runtime.load(a.om, device=a.device, engine=a.engine)
+    sess = runtime.load(a.om, device=a.device, engine=a.engine, verify_with=a.verify_signature)
+    if a.verify_signature:
+        print(f"signature: verified ({a.om}'s folder, key {a.verify_signature})")
     default = sess.inputs[0]["name"] if len(sess.inputs) == 1 else None
     feeds = dict(_load_array(s, default) for s in a.input or [])
     if a.report:
@@ -172,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the placement and the per-layer performance estimate")
     s.add_argument("--verify", action="store_true",
                    help="check the fast engine against the reference interpreter, per kernel")
+    s.add_argument("--verify-signature", metavar="PUBLIC_KEY",
+                   help="refuse the .om unless its folder is a signed build (dopt sign) that "
+                        "verifies with this public key")
     s.set_defaults(fn=_run)
     s = sub.add_parser("check-params", help="validate a quantization parameter file")
     s.add_argument("param_file")

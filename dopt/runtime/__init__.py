@@ -129,5 +129,13 @@ class Session:
         return np.concatenate(chunks) if chunks else np.empty((0,))
 
 
-def load(path, *, device: str = "npu", engine: str = "fast", threads: int = 0) -> Session:
+def load(path, *, device: str = "npu", engine: str = "fast", threads: int = 0,
+         verify_with=None) -> Session:
+    """Load a ``.om``. ``verify_with``: a public key (PEM file); the folder holding the
+    ``.om`` must then be a signed deployment (``dopt sign``) that verifies with it, or
+    loading is refused naming the file that does not match."""
+    if verify_with is not None:
+        from pathlib import Path
+        from ..deploy.signing import verify_folder
+        verify_folder(Path(path).resolve().parent, verify_with)
     return Session(read_om(path), device=device, engine=engine, path=str(path), threads=threads)

@@ -1,0 +1,1 @@
+"""`dopt deploy` demo: the shipped Fashion-MNIST network to a signed, gated NPU build."""

@@ -1,16 +1,28 @@
-"""Fit the NPU cost model's constants to the reference's measured Kirin 9000 latencies.
+"""Fit the NPU cost model's constants, with priors, and validate it honestly.
 
     python -m bench.calibrate_cost_model [--data ../shared/data/kirin9000_model_zoo.csv]
-                                         [--write-profile] [--what-if YOLOv5=640,VDSR=512]
+                                         [--write-profile] [--validation FILE.csv]
 
 Builds the eleven model-zoo networks (``bench/zoo_models.py``, cached ONNX), lowers each,
 pre-checks it twice (FP16; INT8 with every layer that has weights requested as INT8) and
-fits six physically meaningful constants shared by all models (FP16/INT8 MAC rates, DDR
-bandwidth, on-chip buffer, launch cost, depthwise efficiency) by least squares on
-log(estimated / measured). Prints the per-model table with median |error| and
-leave-one-model-out errors, writes ``bench/results/cost_model.json``; ``--write-profile``
-stores the constants in the profile's ``cost_model`` section; ``--what-if`` estimates
-networks at other square input sizes with the fitted constants (no refit).
+fits the five constants the measurements can identify (FP16/INT8 MAC rates, DDR
+bandwidth, kernel launch, depthwise block utilisation; the on-chip buffer size is chosen on
+a grid) by least squares on log(estimate / measurement) **plus** a penalty that keeps each
+constant near its prior (``cost_model.priors`` in the profile: value, bounds and source).
+
+Validation, per model:
+- in-fit error;
+- leave-one-model-out (LOMO): refit without the model, predict it;
+- leave-one-family-out (LOFO): refit without every model of its family (plain CNN,
+  residual, depthwise, detection, segmentation, super-resolution), predict them;
+- ``--validation``: a CSV of other measured networks (same columns), predicted without
+  refitting (none is shipped: see docs/cost_model.md).
+
+The uncertainty band every estimate carries (``cost_model.band``) is the 10th-90th
+percentile of the LOFO estimate/measurement ratios. ``--write-profile`` stores the
+constants, the band and the calibration record in the profile. Sensitivity of each zoo
+estimate to its guesses (input size +-12.5 %, INT8 layer set) is reported too.
+Writes ``bench/results/cost_model.json`` and prints the tables of docs/cost_model.md.
 """
 from __future__ import annotations
 
@@ -18,6 +30,7 @@ import argparse
 import csv
 import datetime as dt
 import json
+import math
 import platform
 from dataclasses import replace
 from pathlib import Path
@@ -35,13 +48,16 @@ from . import zoo_models
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "kirin9000_model_zoo.csv"
 RESULTS = ROOT / "bench" / "results" / "cost_model.json"
-# Every layer with weights is requested as INT8, as the reference's Quant_INT8-8 does;
-# ConvTranspose included (the pre-check accepts it; INT8 channel padding to 32 applies).
+# Every layer with weights is requested as INT8, as the reference's Quant_INT8-8 does.
 INT8_OPS = ("Convolution", "ConvolutionDepthwise", "FullyConnection", "ConvTranspose")
-# name, lower bound, upper bound, fitted on a log scale (rates) or a linear one (amounts)
-FITTED = (("fp16_tops", 0.1, 50.0, True), ("int8_tops", 0.1, 100.0, True),
-          ("ddr_gbps", 1.0, 200.0, True), ("onchip_buffer_kb", 0.0, 4096.0, False),
-          ("kernel_launch_us", 0.0, 500.0, False), ("depthwise_efficiency", 0.001, 1.0, True))
+FITTED = ("fp16_tops", "int8_tops", "ddr_gbps", "kernel_launch_us",
+          "depthwise_block_utilization")
+BUFFER_GRID_KB = tuple(128 * 2 ** (k / 2) for k in range(13))      # 128 KB .. 8 MB
+FAMILIES = {"AlexNet": "plain CNN", "SqueezeNet_v1": "plain CNN", "GoogLeNet": "plain CNN",
+            "Inception_v4": "plain CNN", "ResNet18": "residual",
+            "SSD_MobileNetV2_VOC": "depthwise", "YOLOv5": "detection",
+            "FCN": "segmentation", "DeepLab_v3": "segmentation",
+            "VDSR": "super-resolution", "FSRCNN": "super-resolution"}
 # Measurements left out of the fit (still reported): an INT8/FP16 speed-up of 21x cannot come
 # from the data type (2x MAC rate, half the bytes); something else was measured there.
 OUTLIERS = {("GoogLeNet", "fp16"): "FP16 is 21x slower than INT8, which the data type "
@@ -56,17 +72,21 @@ def read_measurements(path: Path) -> list[dict]:
             for r in rows]
 
 
-def kernel_features(est: dict, slow_ops: set) -> dict:
-    """What the fit needs from one estimate: per NPU kernel work and bytes, fixed CPU part."""
+# -- features: what the estimate depends on, per NPU kernel ------------------------------------
+
+def features(est: dict) -> dict:
+    """Per NPU kernel: the work and bytes the constants multiply (buffer size already
+    applied to the feature-map traffic)."""
     npu = [k for k in est["kernels"] if k["device"] == "npu"]
     return {
         "padded_macs": np.array([k["padded_macs"] for k in npu], float),
-        "weight_bytes": np.array([k["weight_bytes"] for k in npu], float),
-        "tensor_bytes": np.array([b for k in npu for b in k["tensor_bytes"]], float),
-        "tensor_kernel": np.array([i for i, k in enumerate(npu) for _ in k["tensor_bytes"]], int),
+        "mac": np.array([k["padded_macs"] > 0 for k in npu], bool),
+        "vector_elems": np.array([k.get("vector_elems", 0) for k in npu], float),
+        "ddr_bytes": np.array([k["ddr_bytes"] for k in npu], float),
         "int8": np.array([k["int8"] for k in npu], bool),
         "depthwise": np.array([k["op"] == "ConvolutionDepthwise" for k in npu], bool),
-        "slow": np.array([k["op"] in slow_ops for k in npu], bool),
+        "block": np.array([32 if k["int8"] else 16 for k in npu], float),
+        "slow": np.array([k.get("slowdown", 1.0) for k in npu], float),
         "fixed_us": sum(k["time_us"] for k in est["kernels"] if k["device"] == "cpu")
         + sum(x["time_us"] for x in est["transfers"]),
     }
@@ -74,208 +94,286 @@ def kernel_features(est: dict, slow_ops: set) -> dict:
 
 def predict_ms(f: dict, c: dict) -> float:
     """The cost model's network time for constants ``c`` (mirrors dopt.npu.costmodel)."""
-    n = len(f["padded_macs"])
     rate = np.where(f["int8"], c["int8_tops"], c["fp16_tops"]) * 1e6 / 2
-    rate = rate * np.where(f["depthwise"], c["depthwise_efficiency"], 1.0)
-    spill = np.maximum(0.0, f["tensor_bytes"] - c["onchip_buffer_kb"] * 1024)
-    ddr = f["weight_bytes"] + np.bincount(f["tensor_kernel"], spill, minlength=n)
-    slow = np.where(f["slow"], c["low_recommendation_slowdown"], 1.0)
-    t = np.maximum(f["padded_macs"] / rate, ddr * slow / (c["ddr_gbps"] * 1e3))
-    return float((t.sum() + c["kernel_launch_us"] * n + f["fixed_us"]) / 1e3)
+    rate = rate * np.where(f["depthwise"], c["depthwise_block_utilization"] / f["block"], 1.0)
+    compute = np.where(f["mac"], f["padded_macs"] / rate,
+                       f["vector_elems"] / (c["vector_gops"] * 1e3) * f["slow"])
+    memory = f["ddr_bytes"] / (c["ddr_gbps"] * 1e3) * f["slow"]
+    t = np.maximum(compute, memory) + c["kernel_launch_us"]
+    return float((t.sum() + f["fixed_us"]) / 1e3)
 
 
-def fit(points: list[tuple[dict, float]], base: dict) -> dict:
-    """Least squares on log(estimate / measurement) from 12 starts; the best is kept."""
-    logs = np.array([b[3] for b in FITTED])
-    lo = np.array([np.log(b[1]) if b[3] else b[1] for b in FITTED])
-    hi = np.array([np.log(b[2]) if b[3] else b[2] for b in FITTED])
+def analyse(name: str, profile, side: int | None = None, int8_skip: int = 0) -> dict:
+    """Lower one zoo network; pre-check it FP16 and INT8; features on the buffer grid.
 
-    def consts(x):
-        return dict(base, **{b[0]: float(np.exp(v) if b[3] else v) for b, v in zip(FITTED, x)})
-
-    def residuals(x):
-        c = consts(x)
-        return np.array([np.log(predict_ms(f, c) / ms) for f, ms in points])
-
-    best, rng = None, np.random.default_rng(0)
-    for _ in range(12):
-        x0 = lo + (hi - lo) * np.where(logs, rng.uniform(0.2, 0.8, len(FITTED)),
-                                       rng.uniform(0.0, 0.1, len(FITTED)))
-        r = least_squares(residuals, x0, bounds=(lo, hi), x_scale="jac")
-        if best is None or r.cost < best.cost:
-            best = r
-    c = consts(best.x)
-    return {b[0]: _round(c[b[0]], b[3]) for b in FITTED}
-
-
-def _round(v: float, rate: bool) -> float:
-    """What the profile stores: 4 significant digits for rates, 0.01 for amounts."""
-    return float(f"{v:.4g}") if rate else round(v, 2)
-
-
-def analyse(name: str, profile, side: int | None = None) -> dict:
-    """Lower one zoo network and pre-check/estimate it in FP16 and INT8."""
+    ``int8_skip``: leave the first and last ``int8_skip`` weighted layers FP16 (a user's
+    usual choice, for the sensitivity table)."""
     import onnx
     graph = lower_onnx(onnx.load(str(zoo_models.export(name, side=side))))
     int8 = [n.name for n in graph.nodes if n.op in INT8_OPS]
-    slow = {op for op, e in profile.operators.items() if e["stars"] <= 2}
+    if int8_skip:
+        int8 = int8[int8_skip:-int8_skip]
     out = {"input": "x".join(map(str, zoo_models.input_shape(name, side)[1:])), "graph": graph}
     for prec, nodes in (("fp16", ()), ("int8", int8)):
         report = precheck(graph, profile, nodes)
-        est = estimate(graph, report, profile)
-        out[prec] = kernel_features(est, slow)
         out[prec + "_report"] = report
-        out["gmacs"] = est["summary"]["gmacs"]
+        grid = []
+        for kb in BUFFER_GRID_KB:
+            prof = replace(profile, cost_model=dict(profile.cost_model, onchip_buffer_kb=kb))
+            est = estimate(graph, report, prof)
+            grid.append(features(est))
+            out["gmacs"] = est["summary"]["gmacs"]
+        out[prec] = grid
     return out
 
 
-def run(data: Path, write_profile: bool, what_if: list) -> dict:
+# -- the fit ----------------------------------------------------------------------------------
+
+def _prior_residuals(c: dict, priors: dict, names) -> list[float]:
+    return [math.log(c[k] / priors[k]["value"]) / priors[k]["sigma_log"] for k in names]
+
+
+def fit(points: list[tuple[list, float]], base: dict, priors: dict) -> dict:
+    """Regularized least squares on log(estimate / measurement), buffer size on a grid.
+
+    ``points``: (features on the buffer grid, measured ms). Returns the constants."""
+    lo = np.log([priors[k]["bounds"][0] for k in FITTED])
+    hi = np.log([priors[k]["bounds"][1] for k in FITTED])
+    x0 = np.clip(np.log([priors[k]["value"] for k in FITTED]), lo + 1e-9, hi - 1e-9)
+    best = None
+    for gi, kb in enumerate(BUFFER_GRID_KB):
+        bp = priors["onchip_buffer_kb"]
+        if not bp["bounds"][0] <= kb <= bp["bounds"][1]:
+            continue
+
+        def consts(x, kb=kb):
+            return dict(base, onchip_buffer_kb=kb, **{k: float(np.exp(v))
+                                                      for k, v in zip(FITTED, x)})
+
+        def residuals(x, gi=gi, consts=consts):
+            c = consts(x)
+            data = [math.log(predict_ms(f[gi], c) / ms) for f, ms in points]
+            return np.array(data + _prior_residuals(c, priors, FITTED + ("onchip_buffer_kb",)))
+
+        r = least_squares(residuals, x0, bounds=(lo, hi), x_scale=1.0)
+        if best is None or r.cost < best[0]:
+            best = (r.cost, consts(r.x))
+    c = best[1]
+    return dict({k: float(f"{c[k]:.4g}") for k in FITTED},
+                onchip_buffer_kb=round(c["onchip_buffer_kb"], 1))
+
+
+def _grid_index(kb: float) -> int:
+    return int(np.argmin([abs(math.log(kb / g)) for g in BUFFER_GRID_KB]))
+
+
+def predict(feats_grid: list, c: dict) -> float:
+    return predict_ms(feats_grid[_grid_index(c["onchip_buffer_kb"])], c)
+
+
+def run(data: Path, write_profile: bool, validation: Path | None,
+        sensitivity: bool = False) -> dict:
     profile = load_profile(DEFAULT_PROFILE)
     meas = read_measurements(data)
     feats = {m["model"]: analyse(m["model"], profile) for m in meas}
-    base = {k: v for k, v in profile.cost_model.items() if k not in ("note", "calibration")}
+    cm = profile.cost_model
+    priors = cm["priors"]
+    base = {k: v for k, v in cm.items()
+            if k not in ("note", "calibration", "priors", "band", "calibrated")}
 
-    def points(exclude=None):
+    def points(exclude=()):
         return [(feats[m["model"]][p], m[p]) for m in meas for p in PRECISIONS
-                if (m["model"], p) not in OUTLIERS and m["model"] != exclude]
+                if (m["model"], p) not in OUTLIERS and m["model"] not in exclude]
 
-    fitted = fit(points(), base)
+    fitted = fit(points(), base, priors)
     consts = dict(base, **fitted)
+    fams = sorted(set(FAMILIES.values()))
+    lofo = {fam: dict(base, **fit(points([m for m, f in FAMILIES.items() if f == fam]),
+                                  base, priors)) for fam in fams}
     rows = []
     for m in meas:
-        loo = dict(base, **fit(points(exclude=m["model"]), base))
+        loo = dict(base, **fit(points([m["model"]]), base, priors))
         f = feats[m["model"]]
-        row = {"model": m["model"], "input": f["input"], "gmacs": round(f["gmacs"], 3)}
+        fam = FAMILIES.get(m["model"], "other")
+        row = {"model": m["model"], "family": fam, "input": f["input"],
+               "gmacs": round(f["gmacs"], 3)}
         for p in PRECISIONS:
-            est, est_loo = predict_ms(f[p], consts), predict_ms(f[p], loo)
+            est = predict(f[p], consts)
+            est_loo = predict(f[p], loo)
+            est_lofo = predict(f[p], lofo[fam]) if fam in lofo else est_loo
             row.update({f"{p}_measured_ms": m[p], f"{p}_estimated_ms": round(est, 3),
                         f"{p}_error_pct": round(100 * (est / m[p] - 1), 1),
-                        f"{p}_loo_estimated_ms": round(est_loo, 3),
                         f"{p}_loo_error_pct": round(100 * (est_loo / m[p] - 1), 1),
+                        f"{p}_lofo_error_pct": round(100 * (est_lofo / m[p] - 1), 1),
                         f"{p}_in_fit": (m["model"], p) not in OUTLIERS})
         rows.append(row)
     _check_consistency(feats, consts, profile)
 
-    def med(p, key, fitted_only=False):
-        vals = [abs(r[f"{p}_{key}"]) for r in rows if r[f"{p}_in_fit"] or not fitted_only]
-        return round(float(np.median(vals)), 1)
+    def med(p, key, rows_=rows):
+        vals = [abs(r[f"{p}_{key}"]) for r in rows_ if r[f"{p}_in_fit"]]
+        return round(float(np.median(vals)), 1) if vals else None
 
     summary = {p: {"median_abs_error_pct": med(p, "error_pct"),
-                   "median_abs_error_pct_fitted_points": med(p, "error_pct", True),
-                   "loo_median_abs_error_pct": med(p, "loo_error_pct")} for p in PRECISIONS}
+                   "loo_median_abs_error_pct": med(p, "loo_error_pct"),
+                   "lofo_median_abs_error_pct": med(p, "lofo_error_pct"),
+                   "lofo_by_family": {fam: med(p, "lofo_error_pct",
+                                               [r for r in rows if r["family"] == fam])
+                                      for fam in fams}}
+               for p in PRECISIONS}
+    band = {}
+    for p in PRECISIONS:
+        ratios = [1 + r[f"{p}_lofo_error_pct"] / 100 for r in rows if r[f"{p}_in_fit"]]
+        lo_q, hi_q = np.percentile(ratios, [10, 90])
+        band[p] = [round(min(float(lo_q), 1.0), 2), round(max(float(hi_q), 1.0), 2)]
     result = {"date": dt.date.today().isoformat(), "data": data.name,
               "machine": f"{platform.machine()} {platform.system()}, Python "
                          f"{platform.python_version()} (the fit is deterministic, CPU only)",
               "profile": profile.stamp(), "int8_ops": list(INT8_OPS), "fitted": fitted,
-              "fixed": {k: v for k, v in base.items() if k not in fitted and k != "calibrated"},
+              "priors": {k: priors[k]["value"] for k in fitted},
+              "band": band, "families": FAMILIES,
               "outliers": {f"{k[0]} {k[1]}": v for k, v in OUTLIERS.items()},
               "models": rows, "summary": summary,
-              "what_if": [_what_if(name, side, consts, profile)
-                          for name, side in what_if]}
+              "sensitivity": [_sensitivity(m["model"], feats[m["model"]], consts, profile)
+                              for m in meas] if sensitivity else [],
+              "validation": _validate(validation, consts, profile) if validation else None}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(render(result))
     if write_profile:
-        path = write_constants(consts, result)
-        print(f"\nwrote the fitted constants to {path.relative_to(ROOT)}")
+        path = write_constants(fitted, band, result)
+        print(f"\nwrote the fitted constants and band to {path.relative_to(ROOT)}")
     return result
 
 
-def _what_if(name: str, side: int, consts: dict, profile) -> dict:
-    f = analyse(name, profile, side)
-    return {"model": name, "input": f["input"], "gmacs": round(f["gmacs"], 3),
-            **{f"{p}_estimated_ms": round(predict_ms(f[p], consts), 3) for p in PRECISIONS}}
+def _sensitivity(name: str, f: dict, consts: dict, profile) -> dict:
+    """How much each guess moves the estimate: input side +-12.5 %, INT8 layer set."""
+    side = zoo_models.input_shape(name)[-1]
+    row = {"model": name}
+    for p in PRECISIONS:
+        base = predict(f[p], consts)
+        for tag, s in (("side_-12.5%", round(side * 0.875)), ("side_+12.5%", round(side * 1.125))):
+            try:
+                g = analyse(name, profile, side=s)
+            except RuntimeError:    # a fixed-size classifier head (AlexNet's 256x6x6 FC)
+                row[f"{p}_{tag}_pct"] = None
+                continue
+            row[f"{p}_{tag}_pct"] = round(100 * (predict(g[p], consts) / base - 1), 1)
+    g = analyse(name, profile, int8_skip=1)
+    row["int8_first_last_fp16_pct"] = round(
+        100 * (predict(g["int8"], consts) / predict(f["int8"], consts) - 1), 1)
+    return row
+
+
+def _validate(path: Path, consts: dict, profile) -> list[dict]:
+    """Networks of another measured source (same CSV columns), predicted without refit."""
+    out = []
+    for m in read_measurements(path):
+        if m["model"] not in zoo_models.ZOO:
+            out.append({"model": m["model"], "skipped": "no builder in bench/zoo_models.py"})
+            continue
+        f = analyse(m["model"], profile)
+        out.append({"model": m["model"], **{
+            f"{p}_error_pct": round(100 * (predict(f[p], consts) / m[p] - 1), 1)
+            for p in PRECISIONS}})
+    return out
 
 
 def _check_consistency(feats: dict, consts: dict, profile) -> None:
     """The vectorised fit must price exactly what dopt.npu.costmodel.estimate prices."""
-    prof = replace(profile, cost_model=consts)
+    prof = replace(profile, cost_model=dict(profile.cost_model, **consts))
+    gi = _grid_index(consts["onchip_buffer_kb"])
+    prof = replace(prof, cost_model=dict(prof.cost_model, onchip_buffer_kb=BUFFER_GRID_KB[gi]))
     for name, f in feats.items():
         for p in PRECISIONS:
             got = estimate(f["graph"], f[p + "_report"], prof)["summary"]["total_ms"]
-            want = predict_ms(f[p], consts)
+            want = predict_ms(f[p][gi], prof.cost_model)
             if abs(got - want) > 1e-6 * max(1.0, want):
                 raise AssertionError(f"{name} {p}: costmodel {got} ms, fit {want} ms")
 
 
-def write_constants(consts: dict, result: dict) -> Path:
-    """Rewrite only the profile's ``cost_model`` section (the file's last key)."""
+def write_constants(fitted: dict, band: dict, result: dict) -> Path:
+    """Rewrite only the profile's ``cost_model`` constants, band and calibration record."""
     path = PROFILES_DIR / f"{DEFAULT_PROFILE}.json"
-    text = path.read_text(encoding="utf-8")
-    head, sep, _ = text.partition('\n  "cost_model": ')
-    if not sep:
-        raise SystemExit(f"{path}: no cost_model section to replace")
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    cm = raw["cost_model"]
+    cm.update(fitted)
+    cm["band"] = band
+    cm["calibrated"] = True
     s = result["summary"]
-    section = dict(consts, calibrated=True)
-    section["calibration"] = {
+    cm["calibration"] = {
         "date": result["date"], "data": result["data"],
         "command": "python -m bench.calibrate_cost_model --write-profile",
-        "fitted": list(result["fitted"]),
+        "fitted": list(fitted),
         "median_abs_error_pct": {p: s[p]["median_abs_error_pct"] for p in s},
-        "loo_median_abs_error_pct": {p: s[p]["loo_median_abs_error_pct"] for p in s}}
-    section["note"] = ("constants fitted to measured single-batch Kirin 9000 latencies, see "
-                       "docs/cost_model.md; cpu_* and low_recommendation_slowdown are priors")
-    body = json.dumps(section, indent=2, ensure_ascii=False).replace("\n", "\n  ")
-    new = head + sep + body + "\n}\n"
-    if {k: v for k, v in json.loads(text).items() if k != "cost_model"} != {
-            k: v for k, v in json.loads(new).items() if k != "cost_model"}:
-        raise SystemExit(f"{path}: rewriting cost_model would change other sections")
-    path.write_text(new, encoding="utf-8")
+        "loo_median_abs_error_pct": {p: s[p]["loo_median_abs_error_pct"] for p in s},
+        "lofo_median_abs_error_pct": {p: s[p]["lofo_median_abs_error_pct"] for p in s},
+        "band": "10th-90th percentile of the leave-one-family-out estimate/measurement ratios"}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    load_profile.cache_clear() if hasattr(load_profile, "cache_clear") else None
     load_profile(path)  # validate what was written
     return path
 
 
 def render(result: dict) -> str:
-    fitted = ", ".join(f"{k} = {v:g}" for k, v in result["fitted"].items())
+    fitted = ", ".join(f"{k} = {v:g} (prior {result['priors'][k]:g})"
+                       for k, v in result["fitted"].items())
     lines = [f"cost-model calibration on {result['data']} ({result['date']}), profile "
              f"{result['profile']['name']} {result['profile']['version']}",
              f"fitted: {fitted}", "",
-             "| model | input | GMACs | FP16 measured ms | FP16 estimated ms | error | "
-             "INT8 measured ms | INT8 estimated ms | error | leave-one-out error FP16 / INT8 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    def err(r, p):
-        return f"{r[f'{p}_error_pct']:+.1f} %" + ("" if r[f"{p}_in_fit"] else " (not fitted)")
+             "| model | family | input | GMACs | FP16 measured ms | FP16 est. ms | error | "
+             "LOMO | LOFO | INT8 measured ms | INT8 est. ms | error | LOMO | LOFO |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def err(r, p, key="error_pct"):
+        return f"{r[f'{p}_{key}']:+.0f} %" + ("" if r[f"{p}_in_fit"] else " (not fitted)")
 
     for r in result["models"]:
-        lines.append(f"| {r['model']} | {r['input']} | {r['gmacs']:.2f} | "
-                     f"{r['fp16_measured_ms']:.2f} | {r['fp16_estimated_ms']:.2f} | {err(r, 'fp16')} "
-                     f"| {r['int8_measured_ms']:.2f} | {r['int8_estimated_ms']:.2f} | "
-                     f"{err(r, 'int8')} | {r['fp16_loo_error_pct']:+.0f} % / "
-                     f"{r['int8_loo_error_pct']:+.0f} % |")
+        lines.append(f"| {r['model']} | {r['family']} | {r['input']} | {r['gmacs']:.2f} | "
+                     + " | ".join(f"{r[f'{p}_measured_ms']:.2f} | {r[f'{p}_estimated_ms']:.2f} | "
+                                  f"{err(r, p)} | {err(r, p, 'loo_error_pct')} | "
+                                  f"{err(r, p, 'lofo_error_pct')}" for p in PRECISIONS) + " |")
     s = result["summary"]
     lines += ["", "| median abs error | FP16 | INT8 |", "|---|---|---|"]
-    for key, label in (("median_abs_error_pct", "all 11 models"),
-                       ("median_abs_error_pct_fitted_points", "points in the fit"),
-                       ("loo_median_abs_error_pct", "leave-one-model-out")):
+    for key, label in (("median_abs_error_pct", "in fit"),
+                       ("loo_median_abs_error_pct", "leave-one-model-out"),
+                       ("lofo_median_abs_error_pct", "leave-one-family-out")):
         lines.append(f"| {label} | {s['fp16'][key]:.1f} % | {s['int8'][key]:.1f} % |")
-    if result["what_if"]:
-        lines += ["", "what-if (fitted constants, other input sizes):"]
-        lines += [f"- {w['model']} {w['input']}: {w['gmacs']:.2f} GMACs, FP16 "
-                  f"{w['fp16_estimated_ms']:.2f} ms, INT8 {w['int8_estimated_ms']:.2f} ms"
-                  for w in result["what_if"]]
+    lines += ["", "| family (LOFO median abs error) | FP16 | INT8 |", "|---|---|---|"]
+    for fam in s["fp16"]["lofo_by_family"]:
+        a, b = s["fp16"]["lofo_by_family"][fam], s["int8"]["lofo_by_family"][fam]
+        lines.append(f"| {fam} | {'-' if a is None else f'{a:.1f} %'} | "
+                     f"{'-' if b is None else f'{b:.1f} %'} |")
+    lines += ["", "band (estimate/measurement, 10th-90th percentile LOFO): "
+              + ", ".join(f"{p} {v[0]:.2f}-{v[1]:.2f}" for p, v in result["band"].items())]
+    if result["sensitivity"]:
+        lines += ["", "| sensitivity | FP16 side -12.5 % | FP16 side +12.5 % | "
+                  "INT8 side -12.5 % | INT8 side +12.5 % | INT8 first/last layer FP16 |",
+                  "|---|---|---|---|---|---|"]
+
+    def pct(v):
+        return "n/a" if v is None else f"{v:+.0f} %"
+
+    for r in result["sensitivity"]:
+        lines.append(f"| {r['model']} | " + " | ".join(pct(r[k]) for k in (
+            "fp16_side_-12.5%_pct", "fp16_side_+12.5%_pct", "int8_side_-12.5%_pct",
+            "int8_side_+12.5%_pct", "int8_first_last_fp16_pct")) + " |")
     return "\n".join(lines)
-
-
-def _parse_what_if(text: str) -> list[tuple[str, int]]:
-    out = []
-    for item in filter(None, text.split(",")):
-        name, _, side = item.partition("=")
-        if name not in zoo_models.ZOO or not side.isdigit() or int(side) < 32:
-            raise SystemExit(f"--what-if: expected MODEL=SIDE (SIDE >= 32) with MODEL one of "
-                             f"{', '.join(zoo_models.ZOO)}, got '{item}'")
-        out.append((name, int(side)))
-    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DATA, help="measured latencies (CSV)")
     ap.add_argument("--write-profile", action="store_true",
-                    help="store the fitted constants in the hardware profile")
-    ap.add_argument("--what-if", default="", metavar="MODEL=SIDE,...",
-                    help="also estimate these networks at a square input of SIDE pixels")
+                    help="store the fitted constants and the band in the hardware profile")
+    ap.add_argument("--validation", type=Path, default=None,
+                    help="CSV of other measured networks, predicted without refitting")
+    ap.add_argument("--sensitivity", action="store_true",
+                    help="also estimate each network at +-12.5 %% input side and with its "
+                         "first/last layer FP16 (exports 22 more networks, minutes)")
     args = ap.parse_args(argv)
-    run(args.data, args.write_profile, _parse_what_if(args.what_if))
+    run(args.data, args.write_profile, args.validation, args.sensitivity)
     return 0
 
 

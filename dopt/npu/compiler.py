@@ -16,7 +16,7 @@ from ..quant import numerics as nm
 from ..formats import param_file as P
 from ..errors import DoptError
 from ..formats.fileio import existing_file
-from .costmodel import estimate
+from .costmodel import estimate, fusion_groups
 from .fp16range import measure
 from .lower import IRGraph, IRNode, lower_onnx
 from .omfile import OmModel
@@ -350,6 +350,7 @@ def analyze(model, profile: HardwareProfile, *, params: dict | None = None,
         ranges = measure(m, g, cpu, samples)
         if ranges:
             report = precheck(g, profile, layers, fp16_ranges=ranges)
+    report["fusions"] = fusion_groups(g, report, profile)
     return m, g, report
 
 

@@ -75,6 +75,20 @@ def _attr(node, name, default=None):
     return default
 
 
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _pad_value_is_zero(node, model) -> bool:
+    """Whether a constant-mode Pad fills with 0 (attribute ``value`` before opset 11, the
+    optional third input after; an input that is not an initializer counts as unknown)."""
+    if len(node.input) > 2 and node.input[2]:
+        from onnx import numpy_helper
+        init = next((i for i in model.graph.initializer if i.name == node.input[2]), None)
+        return init is not None and not numpy_helper.to_array(init).any()
+    return float(_attr(node, "value", 0.0) or 0.0) == 0.0
+
+
 def _shape_map(model) -> dict[str, tuple]:
     out = {}
     vis = list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
@@ -153,6 +167,10 @@ def lower_onnx(model, input_shapes: dict | None = None) -> IRGraph:
             ir = "SplitD"
             attrs = {"axis": int(_attr(n, "axis", 0)),
                      "output_dims": [shapes.get(x) for x in n.output]}
+        elif op == "Pad":
+            ir = "Pad"
+            attrs = {"mode": _text(_attr(n, "mode", b"constant")),
+                     "zero_value": _pad_value_is_zero(n, m)}
         elif op == "Flatten":
             s = shapes.get(n.input[0])
             ir = "Reshape" if s and all(d == 1 for d in s[2:]) else "Flatten"

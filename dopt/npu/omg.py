@@ -99,6 +99,7 @@ def _warn_fp16(report: dict) -> None:
 
 def run_precheck(a) -> int:
     from .compiler import analyze
+    from .costmodel import estimate
     from .precheck import render_text
     from .profile import load_profile
     from ..formats import param_file as P
@@ -110,15 +111,18 @@ def run_precheck(a) -> int:
     doc = P.read_params(a.compress_conf) if a.compress_conf else None
     model, doc, shapes, out_nodes = _load_source(a, shapes, doc)
     profile = load_profile(a.profile)
-    _m, _g, report = analyze(model, profile, params=doc, params_file=a.compress_conf,
-                             input_shapes=shapes, out_nodes=out_nodes,
-                             source=a.model)   # the graph --mode 0 compiles
+    _m, g, report = analyze(model, profile, params=doc, params_file=a.compress_conf,
+                            input_shapes=shapes, out_nodes=out_nodes,
+                            source=a.model)   # the graph --mode 0 compiles
     if report["fp16_range"]:
         _warn_fp16(report)
     report["model"] = a.model
+    est = estimate(g, report, profile)
+    report["estimate"] = {"label": est["label"], "summary": est["summary"]}
     dest = a.check_report or "check_report.json"
     write_json_atomic(dest, report)
     print(render_text(report))
+    print(f"\nestimated NPU latency: {est['summary']['total_text']}; {est['label']}")
     print(f"\ncheck report: {dest}")
     if a.strict and report["summary"][CPU]:
         _refuse_fallback(report)
@@ -173,7 +177,8 @@ def run_compile(a) -> int:
     total = (est.get("summary") or {}).get("total_ms")
     print(f"\nwrote {dest}: {size / 1e6:.3f} MB, {len(om.graph['kernels'])} kernels, "
           f"{len(om.quant['int8_layers'])} INT8 layers"
-          + (f", estimated latency {total:.3f} ms (estimate)" if total is not None else ""))
+          + (f", estimated latency {(est.get('summary') or {}).get('total_text')}"
+             if total is not None else ""))
     return 0
 
 

@@ -81,6 +81,10 @@ def render_text(report: dict) -> str:
                     continue
                 lines.append(f"- {x['node']} ({x['ir_op'] or x['onnx_op']}): {f['message']}"
                              + (f" -> {f['hint']}" if f["hint"] else ""))
+    if report.get("fusions"):
+        from .costmodel import render_fusions
+        lines += ["", f"fused kernels ({len(report['fusions'])}; execution-time fusion rules of "
+                  f"the profile):"] + render_fusions(report["fusions"])
     lines += ["", "partitions: " + ", ".join(
         f"#{p['id']} {p['device']} ({len(p['nodes'])} nodes, {p['transfers_in']} transfers in)"
         for p in report["partitions"])]

@@ -29,10 +29,10 @@ ALIGNMENT_KEYS = ("fp16_channel_block", "int8_channel_block", "int8_min_cin",
                   "concat_split_inplace_block")
 # cost_model: rates (> 0), overheads and sizes (>= 0), efficiencies (0, 1], switches
 COST_MODEL_RATES = ("fp16_tops", "int8_tops", "ddr_gbps", "cpu_gflops", "cpu_npu_transfer_gbps",
-                    "low_recommendation_slowdown")
+                    "low_recommendation_slowdown", "depthwise_block_utilization", "vector_gops")
 COST_MODEL_AMOUNTS = ("onchip_buffer_kb", "kernel_launch_us", "cpu_op_us",
-                      "cpu_npu_transfer_latency_us")
-COST_MODEL_FRACTIONS = ("depthwise_efficiency",)
+                      "cpu_npu_transfer_latency_us", "epilogue_max_ops")
+COST_MODEL_FRACTIONS: tuple[str, ...] = ()
 COST_MODEL_FLAGS = ("calibrated", "fuse_activation_into_conv")
 
 
@@ -159,6 +159,14 @@ def _validate(raw: Any, path: str) -> None:
                       "a positive integer", value)
 
     _validate_cost_model(raw["cost_model"], bad)
+    for i, f in enumerate(raw["fusions"]):
+        if not isinstance(f, dict):
+            raise bad(f"fusions[{i}]", "a fusion entry must be an object", "an object",
+                      type(f).__name__)
+        if f.get("kind") == "kernel" and not (
+                isinstance(f.get("id"), str) and isinstance(f.get("ops"), list) and f["ops"]):
+            raise bad(f"fusions[{i}]", "a kernel fusion needs an 'id' and a non-empty 'ops' "
+                      "list", "{\"id\": ..., \"kind\": \"kernel\", \"ops\": [...]}", f)
 
     ops = raw["operators"]
     for name, entry in ops.items():
@@ -180,6 +188,15 @@ def _validate(raw: Any, path: str) -> None:
 
 
 def _validate_cost_model(cm: dict, bad) -> None:
+    band = cm.get("band")
+    for prec in ("fp16", "int8"):
+        pair = band.get(prec) if isinstance(band, dict) else None
+        if not (isinstance(pair, list) and len(pair) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair)
+                and 0 < pair[0] <= 1 <= pair[1] < float("inf")):
+            raise bad(f"cost_model.band.{prec}", "the estimate's uncertainty band is missing or "
+                      "malformed", "[low, high] factors of estimate/measurement with "
+                      "0 < low <= 1 <= high", pair if isinstance(band, dict) else band)
     for key in COST_MODEL_FLAGS:
         if not isinstance(cm.get(key), bool):
             raise bad(f"cost_model.{key}", "a cost-model switch is missing or not a boolean",

@@ -34,6 +34,8 @@ def test_demo_default_mobilenetv2_meets_bars(tmp_path):
     assert r["npu"]["int8"]["agree"] >= 99.9
 
 
+@pytest.mark.slow   # the whole shell demo; tests/test_dopt_so.py runs the reference's dopt_so
+# examples and tests/test_npu_compile.py the compile-and-run step in the default set
 def test_no_training_demo_runs(tmp_path):
     """demos/no_training/run_release.sh: prepare -> dopt_so (reference flags) -> omg -> NPU."""
     import json

@@ -35,6 +35,8 @@ def _run(out: Path, stage: str, config: Path):
                           capture_output=True, text=True, cwd=out.parent)
 
 
+@pytest.mark.slow   # the reference's run.sh end to end; test_llm_pipeline runs the same three
+# stages through demo.py in the default set
 def test_run_sh_three_stages_and_simulation(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(SMALL)

@@ -287,6 +287,8 @@ def test_omg_bad_inputs(work):
     _nothing_new(work, before)
 
 
+@pytest.mark.slow   # the whole shell demo; test_reference_tf_flow_compiles_and_runs covers
+# dopt_so --framework 3 -> omg -> NPU in the default set
 def test_tf_no_training_demo(tmp_path):
     """The reference's tensorflow_mnist demo shape: frozen .pb + image folder + run_release.sh."""
     r = subprocess.run(["bash", str(ROOT / "demos" / "tf_no_training" / "run_release.sh"),

@@ -35,6 +35,7 @@ def test_keras_demo_short(tmp_path):
         assert (tmp_path / "final" / f).is_file()
 
 
+@pytest.mark.slow   # tests/test_tf1_api.py covers the TF1 session API in the default set
 def test_tf1_session_example_short(tmp_path):
     r = _run("demos.tf1_session.example", "--out", str(tmp_path), "--float-epochs", "0.5",
              "--epochs", "0.1", "--test-limit", "2000")

@@ -175,8 +175,7 @@ def main(argv=None):
         r = npu[b]
         print(f"  emulated NPU {b.upper()}   {r['acc']:6.2f}%  (agrees with "
               f"{'float' if b == 'fp16' else 'fake-quant'} on {r['agree']:.2f}%), "
-              f".om {r['size'] / 1024:.0f} KiB, estimated latency {r['latency_ms']:.3f} ms "
-              f"(estimate)")
+              f".om {r['size'] / 1024:.0f} KiB, estimated latency {r['latency_text']}")
     print(f"  INT8 .om / FP16 .om size: {npu['int8']['size'] / npu['fp16']['size']:.3f}")
     print("files:")
     for p in sorted(out.rglob("*")):
@@ -211,6 +210,7 @@ def compile_and_run(final: Path, files: dict, xte, yte, pred_qat) -> dict:
                       "agree": 100 * float((pred == ref).mean()),
                       "size": om_path.stat().st_size,
                       "latency_ms": float(est.get("summary", {}).get("total_ms", float("nan"))),
+                      "latency_text": est.get("summary", {}).get("total_text", "n/a"),
                       "placement": sess.om.meta["summary"], "seconds": time.time() - t}
         print(f"[6/6] {build.upper()} .om on the emulated NPU: top-1 {res[build]['acc']:.2f}%, "
               f"agreement {res[build]['agree']:.2f}% "

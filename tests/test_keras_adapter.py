@@ -32,11 +32,12 @@ L = keras.layers
 INT8 = "Quant_INT8-8"
 
 
-def tiny(seed=0):
-    """Every pattern the adapter handles: Conv+BN (Cin 3: NPU runs it FP16), depthwise+BN,
-    a float conv, SeparableConv2D+BN (depth multiplier 2), a residual add, Dense."""
+def tiny(seed=0, cin=20):
+    """Every pattern the adapter handles: Conv+BN, depthwise+BN, a float conv,
+    SeparableConv2D+BN (depth multiplier 2), a residual add, Dense. With ``cin`` >= 17 the
+    NPU runs every layer in INT8; ``cin=3`` makes c1 a convolution it runs in FP16."""
     keras.utils.set_random_seed(seed)
-    inp = keras.Input((8, 8, 3), name="image")
+    inp = keras.Input((8, 8, cin), name="image")
     x = L.Conv2D(24, 3, padding="same", use_bias=False, name="c1")(inp)
     x = L.BatchNormalization(name="bn1")(x)
     x = L.ReLU(6.0, name="r1")(x)
@@ -64,7 +65,7 @@ def tiny(seed=0):
     return m
 
 
-def data(n=64, seed=1, shape=(8, 8, 3)):
+def data(n=64, seed=1, shape=(8, 8, 20)):
     return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
 
 
@@ -82,7 +83,7 @@ def write_cfg(tmp_path, model, quantize="all", name="config.json", **extra):
 
 def optimize(model, cfg):
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # c1: Cin <= 16 warning, tested separately
+        warnings.simplefilter("ignore")  # narrow convolutions warn; tested separately
         return KA.optimize_model(model, str(cfg))
 
 
@@ -121,14 +122,14 @@ def test_config_matches_reference_format(tmp_path):
     assert doc == on_disk
     for op in ("Conv2D", "DepthwiseConv2D", "Dense", "SeparableConv2D"):
         assert on_disk[f"quant_strategy_for op '{op}'"] == [INT8]
-    assert on_disk["input_shape"] == "image:1,8,8,3"
+    assert on_disk["input_shape"] == "image:1,8,8,20"
     assert list(on_disk["layer_strategy"]) == ["c1", "dw", "pw", "sep", "fc"]
     assert on_disk["layer_strategy"]["sep"] == {"op_type": "SeparableConv2D",
                                                 "quant_strategy": "float"}
     assert list(on_disk)[-1] == "layer_strategy"
-    doc = KA.generate_config_file(tiny(), str(tmp_path / "d.json"), input_shape="image:4,8,8,3")
-    assert doc["input_shape"] == "image:4,8,8,3"
-    msg = _err(KA.generate_config_file, tiny(), str(tmp_path / "e.json"), "x:1,8,8,3")
+    doc = KA.generate_config_file(tiny(), str(tmp_path / "d.json"), input_shape="image:4,8,8,20")
+    assert doc["input_shape"] == "image:4,8,8,20"
+    msg = _err(KA.generate_config_file, tiny(), str(tmp_path / "e.json"), "x:1,8,8,20")
     assert "'x'" in msg and "image" in msg and not (tmp_path / "e.json").exists()
 
 
@@ -170,9 +171,14 @@ def test_subclassed_and_non_models_are_refused(tmp_path):
 
 
 def test_narrow_conv_warns_like_torch(tmp_path):
-    cfg = write_cfg(tmp_path, tiny(), quantize=["c1"])
-    with pytest.warns(UserWarning, match="c1 .*Cin=3"):
-        KA.optimize_model(tiny(), str(cfg))
+    from dopt.npu.profile import load_profile
+    from dopt.npu.rules import int8_skip_reason
+    cfg = write_cfg(tmp_path, tiny(cin=3), quantize=["c1"])
+    reason = int8_skip_reason(3, load_profile())
+    with pytest.warns(UserWarning) as rec:
+        KA.optimize_model(tiny(cin=3), str(cfg))
+    msg = " ".join(str(w.message) for w in rec)
+    assert f"c1 ({reason})" in msg and "training and inference" in msg
 
 
 # ---- numerics -----------------------------------------------------------------------
@@ -342,7 +348,7 @@ def test_bn_folding_in_inference_is_the_folded_conv(tmp_path):
     s, o = nm.activation_qparams(lo, hi)
     s_w = nm.weight_scales(wf.numpy(), axis=3)
     conv = L.Conv2D(24, 3, padding="same")
-    conv.build((None, 8, 8, 3))
+    conv.build((None, 8, 8, 20))
     conv.kernel.assign(nm.fake_quant_weight(wf.numpy(), s_w, axis=3))
     conv.bias.assign(nm.quantize_bias(bf.numpy(), s, s_w) * nm.bias_scales(s, s_w))
     KL.set_switch(q, "npu_edges", False)
@@ -353,7 +359,7 @@ def test_bn_folding_in_inference_is_the_folded_conv(tmp_path):
 
 def test_sequential_model(tmp_path):
     keras.utils.set_random_seed(0)
-    m = keras.Sequential([keras.Input((8, 8, 3)), L.Conv2D(20, 3, name="a"),
+    m = keras.Sequential([keras.Input((8, 8, 20)), L.Conv2D(20, 3, name="a"),
                           L.BatchNormalization(name="a_bn"), L.ReLU(),
                           L.Conv2D(24, 3, name="b"), L.Flatten(), L.Dense(4, name="d")])
     q = optimize(m, write_cfg(tmp_path, m))
@@ -362,6 +368,93 @@ def test_sequential_model(tmp_path):
     calibrate(q, x)
     assert KA.ranges(q)["a"] == (float(x.min()), float(x.max()))  # minmax: exactly the data's
     assert q.predict(data(4), verbose=0).shape == (4, 4)
+
+
+# ---- convolutions the NPU runs in FP16 although INT8 is asked (Cin too small) ----------
+
+def narrow_net(seed=0):
+    """c1 (Cin 3) + BN and the pointwise half of sep (Cin 12) + BN run in FP16 on the NPU;
+    sep's depthwise half (exempt), wide (Cin 24) and fc run in INT8."""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((8, 8, 3), name="image")
+    x = L.Conv2D(6, 3, padding="same", use_bias=False, name="c1")(inp)
+    x = L.ReLU(name="r1")(L.BatchNormalization(name="bn1")(x))
+    x = L.SeparableConv2D(24, 3, padding="same", depth_multiplier=2, name="sep")(x)
+    x = L.ReLU(name="r2")(L.BatchNormalization(name="bn_sep")(x))
+    x = L.Conv2D(24, 1, activation="relu", name="wide")(x)
+    x = L.Dense(5, name="fc")(L.GlobalAveragePooling2D(name="gap")(x))
+    m = keras.Model(inp, x, name="narrow")
+    rng = np.random.default_rng(seed)
+    for layer in m.layers:
+        if isinstance(layer, L.BatchNormalization):
+            n = layer.gamma.shape
+            layer.moving_mean.assign(rng.uniform(-0.5, 0.5, n))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, n))
+            layer.gamma.assign(rng.uniform(0.5, 1.5, n))
+    return m
+
+
+@pytest.fixture(scope="module")
+def narrow_q(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("keras_narrow")
+    cfg = write_cfg(tmp, narrow_net())
+    with pytest.warns(UserWarning) as rec:
+        q = KA.optimize_model(narrow_net(), str(cfg))
+    msg = " ".join(str(w.message) for w in rec)
+    assert "c1 (Cin=3" in msg and "sep/pointwise (Cin=12" in msg
+    calibrate(q, data(64, shape=(8, 8, 3)))
+    return q, cfg, tmp
+
+
+def test_narrow_parts_have_no_quantizer_and_run_the_npu_fp16_kernel(narrow_q):
+    q, _, _ = narrow_q
+    c1, sep = q.get_layer("c1"), q.get_layer("sep")
+    assert [p.npu_fp16 for p in c1.parts] == [True] and c1.acts == []
+    assert [p.npu_fp16 for p in sep.parts] == [False, True] and len(sep.acts) == 1
+    assert set(KA.ranges(q)) == {"sep", "wide", "fc"}
+    ref = narrow_net()
+    bn = ref.get_layer("bn1")
+    f = bn.gamma.numpy() / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
+    wf = ref.get_layer("c1").kernel.numpy() * f
+    bf = bn.beta.numpy() - bn.moving_mean.numpy() * f
+    h = lambda a: np.asarray(a, np.float32).astype(np.float16).astype(np.float32)  # noqa: E731
+    x = data(8, shape=(8, 8, 3)) * 3
+    want = h(tf.nn.conv2d(h(x), h(wf), 1, "SAME").numpy() + h(bf))
+    np.testing.assert_array_equal(c1(x, training=False).numpy(), want)
+
+
+def test_narrow_parts_train_as_fp16_with_straight_through_gradients(narrow_q):
+    q, _, _ = narrow_q
+    c1 = q.get_layer("c1")
+    x = tf.constant(data(8, shape=(8, 8, 3)))
+    mm = c1.bn.moving_mean.numpy().copy()
+    with tf.GradientTape() as tape:
+        y = c1(x, training=True)
+        loss = tf.reduce_sum(y) * 1e-12  # far below FP16's smallest subnormal
+    g = tape.gradient(loss, c1.layer.kernel)
+    np.testing.assert_array_equal(y.numpy(), y.numpy().astype(np.float16).astype(np.float32))
+    assert g is not None and np.abs(g.numpy()).min() > 0
+    assert not np.array_equal(mm, c1.bn.moving_mean.numpy())  # BN statistics update
+    c1.bn.moving_mean.assign(mm)
+
+
+def test_narrow_parts_export_as_float_and_compile_to_fp16(narrow_q):
+    from dopt.npu.compiler import compile_onnx
+    from dopt.npu.profile import load_profile
+    from dopt.runtime import Session
+    q, cfg, tmp = narrow_q
+    files = KE.generate_final_model(q, str(cfg), None, str(tmp / "out"))
+    doc = P.read_params(files["param_file"])
+    assert set(doc["layers"]) == {"sep/depthwise", "wide", "fc"}
+    assert {"c1", "sep/pointwise"} <= set(doc["float_layers"])
+    om, report = compile_onnx(onnx.load(files["float_onnx"]), load_profile(), params=doc)
+    assert om.quant["int8_layers"] == ["fc", "sep/depthwise", "wide"]
+    assert "int8_min_cin" not in [f["rule"] for r in report["nodes"] for f in r["findings"]]
+    x = data(512, seed=4, shape=(8, 8, 3))
+    got = Session(om).run(x)[om.graph["outputs"][0]["name"]]
+    want = q.predict(x, verbose=0)
+    assert np.mean(got.argmax(1) == want.argmax(1)) >= 0.999
+    assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()
 
 
 # ---- save / load and export ----------------------------------------------------------

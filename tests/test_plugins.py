@@ -101,8 +101,8 @@ def test_installed_plugin_calibrates_through_config(installed_plugin, tmp_path):
     code = f"""
 import json, torch
 from dopt.dopt_torch.opt_main import generate_config_file, optimize_model, set_calibrate_state
-from tests.tiny_net import build
-generate_config_file(build(), "x:1,3,16,16", dst_path="{tmp_path}/g.json")
+from tests.tiny_net import WIDE_SHAPE, build_wide as build
+generate_config_file(build(), WIDE_SHAPE, dst_path="{tmp_path}/g.json")
 res = {{}}
 for alg in ("minmax", "aciq"):
     cfg = json.load(open("{tmp_path}/g.json"))
@@ -112,7 +112,7 @@ for alg in ("minmax", "aciq"):
     q = optimize_model(build(), "{tmp_path}/c.json")
     set_calibrate_state(q, True)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 3, 16, 16, generator=g)
+    x = torch.randn(64, 20, 16, 16, generator=g)
     x[0, 0, 0, 0] = 80.0   # one outlier
     with torch.no_grad():
         q(x)

@@ -10,15 +10,20 @@ onnx = pytest.importorskip("onnx")
 from dopt import DoptError  # noqa: E402
 from dopt.quant import numerics as nm  # noqa: E402
 from dopt.formats import param_file as P  # noqa: E402
-from dopt.dopt_torch.opt_main import (generate_config_file, generate_final_model,  # noqa: E402
-                                      get_quant_loss, optimize_model, set_calibrate_state)
+from dopt.dopt_torch.opt_main import (freeze_bn_stats, generate_config_file,  # noqa: E402
+                                      generate_final_model, get_quant_loss, optimize_model,
+                                      set_calibrate_state)
 from dopt_adapters.torch import fake_quant as fq  # noqa: E402
 from dopt_adapters.torch.modules import quant_layers  # noqa: E402
 
-from tests.tiny_net import build  # noqa: E402
+from tests.tiny_net import WIDE_SHAPE, build, build_wide  # noqa: E402
 
 CONV = "<class 'torch.nn.modules.conv.Conv2d'>"
 LIN = "<class 'torch.nn.modules.linear.Linear'>"
+
+
+def wide_data(n, generator=None):
+    return torch.randn(n, 20, 16, 16, generator=generator)
 
 
 def write_cfg(tmp_path, model, quantize="all", shape="x:1,3,16,16"):
@@ -34,16 +39,26 @@ def write_cfg(tmp_path, model, quantize="all", shape="x:1,3,16,16"):
 
 
 def calibrated(tmp_path, n=64, seed=0):
-    model = build()
-    cfg = write_cfg(tmp_path, model)
+    """WideNet, every layer INT8 (all run INT8 on the NPU), calibrated on random data."""
+    model = build_wide()
+    cfg = write_cfg(tmp_path, model, shape=WIDE_SHAPE)
     q = optimize_model(model, str(cfg))
     set_calibrate_state(q, True)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _ in range(4):
-            q(torch.randn(n // 4, 3, 16, 16, generator=g))
+            q(wide_data(n // 4, g))
     set_calibrate_state(q, False)
     return q, cfg
+
+
+def test_wide_net_runs_int8_everywhere_on_the_npu():
+    """The tests below quantize WideNet because the NPU really runs its layers in INT8."""
+    from dopt_adapters.torch.api import npu_skips_int8
+    m = build_wide()
+    assert npu_skips_int8(dict(m.named_modules()), ["conv1", "dw", "pw", "grouped", "fc"]) == []
+    assert npu_skips_int8(dict(build().named_modules()), ["conv1", "dw", "pw", "grouped"]) == \
+        ["conv1", "pw", "grouped"]
 
 
 def test_config_matches_reference_format(tmp_path):
@@ -102,8 +117,8 @@ def test_optimize_calibrate_and_fold(tmp_path):
     for _, m in quant_layers(q):
         assert int(m.act.initialized) == 1 and m.act.hi.item() > m.act.lo.item()
     # eval output with quantization disabled in spirit: close to the float model
-    ref = build().eval()
-    x = torch.randn(8, 3, 16, 16)
+    ref = build_wide().eval()
+    x = wide_data(8)
     q.eval()
     with torch.no_grad():
         d = (q(x) - ref(x)).abs().max().item()
@@ -111,11 +126,11 @@ def test_optimize_calibrate_and_fold(tmp_path):
 
 
 def test_calibration_min_max_equals_observed(tmp_path):
-    model = build()
-    cfg = write_cfg(tmp_path, model, quantize=["conv1"])
+    model = build_wide()
+    cfg = write_cfg(tmp_path, model, quantize=["conv1"], shape=WIDE_SHAPE)
     q = optimize_model(model, str(cfg))
     set_calibrate_state(q, True)
-    xs = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    xs = [wide_data(4) for _ in range(3)]
     with torch.no_grad():
         outs = [q(x) for x in xs]
     set_calibrate_state(q, False)
@@ -123,7 +138,7 @@ def test_calibration_min_max_equals_observed(tmp_path):
     assert act.lo.item() == pytest.approx(min(x.min().item() for x in xs))
     assert act.hi.item() == pytest.approx(max(x.max().item() for x in xs))
     # calibration forward passes are float: equal to the float model (BN running stats)
-    ref = build().eval()
+    ref = build_wide().eval()
     with torch.no_grad():
         assert torch.allclose(outs[0], ref(xs[0]), atol=1e-5)
 
@@ -135,7 +150,7 @@ def test_qat_train_step_changes_ranges_and_weights(tmp_path):
     hi0 = q.conv1.act.hi.item()
     w0 = q.conv1.layer.weight.detach().clone()
     rm0 = q.conv1.bn.running_mean.clone()
-    x, y = torch.randn(16, 3, 16, 16) * 2, torch.randint(0, 5, (16,))
+    x, y = wide_data(16) * 2, torch.randint(0, 5, (16,))
     # ranges get LSQ-scaled gradients (1/sqrt(N*127)): a large loss makes one step visible
     loss = 100 * torch.nn.functional.cross_entropy(q(x), y) + 0.05 * get_quant_loss(q)
     opt.zero_grad()
@@ -162,10 +177,10 @@ def test_checkpoint_round_trip(tmp_path):
     q.eval()
     pth = tmp_path / "quant.pth"
     torch.save(q.state_dict(), pth)
-    q2 = optimize_model(build(), str(cfg))
+    q2 = optimize_model(build_wide(), str(cfg))
     q2.load_state_dict(torch.load(pth, weights_only=True))
     q2.eval()
-    x = torch.randn(4, 3, 16, 16)
+    x = wide_data(4)
     with torch.no_grad():
         assert torch.equal(q(x), q2(x))
 
@@ -175,7 +190,7 @@ def test_generate_final_model_outputs(tmp_path):
     pth = tmp_path / "quant.pth"
     torch.save(q.state_dict(), pth)
     out = tmp_path / "final"
-    files = generate_final_model(build(), str(cfg), pth_file=str(pth), output_dir=str(out))
+    files = generate_final_model(build_wide(), str(cfg), pth_file=str(pth), output_dir=str(out))
     assert sorted(os.listdir(out)) == ["model_fused.onnx", "model_qdq.onnx", "quant_param.json"]
     fused = onnx.load(files["float_onnx"])
     ops = [n.op_type for n in fused.graph.node]
@@ -185,7 +200,7 @@ def test_generate_final_model_outputs(tmp_path):
     doc = P.read_params(files["param_file"])
     assert set(doc["layers"]) == {"conv1", "dw", "pw", "grouped", "fc"}
     rec = doc["layers"]["conv1"]
-    assert rec["folded_bn"] == "bn1" and len(rec["weight"]["scales"]) == 8
+    assert rec["folded_bn"] == "bn1" and len(rec["weight"]["scales"]) == 24
     s, o = q.conv1.act.qparams()
     assert rec["input"]["scale"] == s and rec["input"]["offset"] == o
     # QDQ on ONNX Runtime agrees with the fake-quant model on fresh inputs
@@ -196,7 +211,7 @@ def test_generate_final_model_outputs(tmp_path):
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(files["qdq_onnx"], so, providers=["CPUExecutionProvider"])
-    x = torch.randn(32, 3, 16, 16)
+    x = wide_data(32)
     q.eval()
     with torch.no_grad():
         ref = q(x).numpy()
@@ -208,13 +223,99 @@ def test_generate_final_model_outputs(tmp_path):
 def test_param_file_round_trips_exactly(tmp_path):
     q, cfg = calibrated(tmp_path)
     torch.save(q.state_dict(), tmp_path / "quant.pth")
-    files = generate_final_model(build(), str(cfg), str(tmp_path / "quant.pth"), str(tmp_path / "o"))
+    files = generate_final_model(build_wide(), str(cfg), str(tmp_path / "quant.pth"),
+                                 str(tmp_path / "o"))
     doc = P.read_params(files["param_file"])
     P.write_params(tmp_path / "again.json", doc)
     assert P.read_params(tmp_path / "again.json") == doc
     assert (tmp_path / "again.json").read_bytes() == open(files["param_file"], "rb").read()
     s = doc["layers"]["dw"]["weight"]["scales"]
     assert all(np.float32(v) == v for v in s)  # exact float32 values
+
+
+# ---- convolutions the NPU runs in FP16 although INT8 is asked (Cin too small) ----
+
+def _narrow_model(tmp_path):
+    """TinyNet with every layer asked INT8: conv1 (Cin 3), pw and grouped (Cin 8) run in
+    FP16 on the NPU, dw (depthwise, exempt) and fc in INT8."""
+    from dopt.npu.profile import load_profile
+    from dopt.npu.rules import int8_skip_reason
+    model = build()
+    cfg = write_cfg(tmp_path, model)
+    reason = int8_skip_reason(3, load_profile())
+    with pytest.warns(UserWarning, match=r"conv1 \(" + reason.replace("(", r"\(")
+                      .replace(")", r"\)") + r"\).*training and inference"):
+        q = optimize_model(model, str(cfg))
+    set_calibrate_state(q, True)
+    with torch.no_grad():
+        q(torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(0)))
+    set_calibrate_state(q, False)
+    return q, cfg
+
+
+def test_narrow_convolution_is_the_npu_fp16_kernel_in_inference(tmp_path):
+    from dopt_adapters.torch.modules import NpuFp16Conv2d, npu_fp16_layers
+    from dopt_adapters.torch.npu_edges import npu_numerics
+    q, _ = _narrow_model(tmp_path)
+    assert [n for n, _ in quant_layers(q)] == ["dw", "fc"]
+    assert [n for n, _ in npu_fp16_layers(q)] == ["conv1", "pw", "grouped"]
+    assert isinstance(q.conv1, NpuFp16Conv2d) and q.conv1.bn_name == "bn1"
+    assert isinstance(q.bn1, torch.nn.Identity)
+    ref = build().eval()
+    x = torch.randn(8, 3, 16, 16) * 3
+    h = lambda t: t.half().float()  # noqa: E731
+    f = ref.bn1.weight / torch.sqrt(ref.bn1.running_var + ref.bn1.eps)
+    wf = ref.conv1.weight * f.reshape(-1, 1, 1, 1)
+    bf = ref.bn1.bias - ref.bn1.running_mean * f
+    q.eval()
+    with torch.no_grad():
+        want = h(torch.nn.functional.conv2d(h(x), h(wf), h(bf), padding=1))
+        assert torch.equal(q.conv1(x), want)  # what the compiled FP16 kernel computes
+        with npu_numerics(False):  # the export's float32 form: the folded float layer
+            assert torch.allclose(q.conv1(x), ref.bn1(ref.conv1(x)), atol=1e-5)
+
+
+def test_narrow_convolution_trains_as_fp16_with_straight_through_gradients(tmp_path):
+    q, _ = _narrow_model(tmp_path)
+    q.train()
+    x = torch.randn(8, 3, 16, 16, requires_grad=True)
+    rm0 = q.conv1.bn.running_mean.clone()
+    y = q.conv1(x)
+    assert torch.equal(y, y.half().float())  # FP16 values, as the NPU's output
+    assert not torch.equal(q.conv1.bn.running_mean, rm0)  # BN statistics still update
+    # a tiny loss: gradients far below FP16's smallest subnormal still reach the weights
+    (y.sum() * 1e-12).backward()
+    assert q.conv1.layer.weight.grad.abs().min() > 0 and x.grad.abs().max() > 0
+    freeze_bn_stats(q)
+    rm1 = q.conv1.bn.running_mean.clone()
+    q.conv1(x)
+    assert torch.equal(q.conv1.bn.running_mean, rm1)
+
+
+def test_narrow_convolutions_export_as_float_and_compile_to_fp16(tmp_path):
+    from dopt.npu.compiler import compile_onnx
+    from dopt.npu.profile import load_profile
+    from dopt.runtime import Session
+    q, cfg = _narrow_model(tmp_path)
+    torch.save(q.state_dict(), tmp_path / "quant.pth")
+    with pytest.warns(UserWarning, match="conv1"):
+        files = generate_final_model(build(), str(cfg), str(tmp_path / "quant.pth"),
+                                     str(tmp_path / "out"))
+    doc = P.read_params(files["param_file"])
+    assert set(doc["layers"]) == {"dw", "fc"}  # no INT8 claim for the FP16 layers
+    assert {"conv1", "pw", "grouped"} <= set(doc["float_layers"])
+    om, report = compile_onnx(onnx.load(files["float_onnx"]), load_profile(), params=doc,
+                              input_shapes={"x": [1, 3, 16, 16]})
+    assert om.quant["int8_layers"] == ["dw", "fc"]
+    findings = [f["rule"] for r in report["nodes"] for f in r.get("findings", [])]
+    assert "int8_min_cin" not in findings
+    x = torch.randn(512, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    q.eval()
+    with torch.no_grad():
+        want = q(x).numpy()
+    got = Session(om).run(x.numpy())[om.graph["outputs"][0]["name"]]
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.999
+    assert np.abs(got - want).max() <= 1e-2 * np.abs(want).max()
 
 
 # ---- bad inputs: one-paragraph errors, nothing written ----
@@ -270,7 +371,8 @@ def test_wrong_input_shape(tmp_path, shape):
 def _final_err(tmp_path, pth):
     q, cfg = calibrated(tmp_path)
     out = tmp_path / "final"
-    msg = _err(generate_final_model, build(), str(cfg), pth_file=str(pth), output_dir=str(out))
+    msg = _err(generate_final_model, build_wide(), str(cfg), pth_file=str(pth),
+               output_dir=str(out))
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".dopt")]
     return msg
@@ -307,7 +409,7 @@ def test_pth_with_pickled_code_is_refused(tmp_path):
 
 def test_float_checkpoint_instead_of_quant(tmp_path):
     pth = tmp_path / "float.pth"
-    torch.save(build().state_dict(), pth)
+    torch.save(build_wide().state_dict(), pth)
     msg = _final_err(tmp_path, pth)
     assert "does not match the quantized model" in msg and "float checkpoint" in msg
 
@@ -343,10 +445,10 @@ def test_export_check_catches_a_wrong_qdq_model(tmp_path, monkeypatch):
 
     def skewed(model, doc):
         doc = json.loads(json.dumps(doc))
-        doc["layers"]["conv1"]["input"]["scale"] *= 3.0
+        doc["layers"]["conv1"]["input"]["scale"] *= 0.2  # clips most of the input range
         return real(model, doc)
     monkeypatch.setattr(onnx_qdq, "build_qdq", skewed)
     out = tmp_path / "final"
-    msg = _err(generate_final_model, build(), str(cfg), pth_file=str(tmp_path / "quant.pth"),
-               output_dir=str(out))
+    msg = _err(generate_final_model, build_wide(), str(cfg),
+               pth_file=str(tmp_path / "quant.pth"), output_dir=str(out))
     assert "does not reproduce the fake-quant model" in msg and not out.exists()

@@ -22,9 +22,9 @@ class TinyNet(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
-def build():
+def build(cls=None):
     torch.manual_seed(0)
-    m = TinyNet()
+    m = (cls or TinyNet)()
     # non-trivial BN statistics so folding matters
     with torch.no_grad():
         for bn in (m.bn1, m.bn_dw, m.bn2):
@@ -33,3 +33,27 @@ def build():
             bn.weight.uniform_(0.5, 1.5)
             bn.bias.uniform_(-0.2, 0.2)
     return m
+
+
+WIDE_SHAPE = "x:1,20,16,16"
+
+
+class WideNet(TinyNet):
+    """TinyNet's patterns with every convolution wide enough (Cin >= 17) for the NPU to run
+    it in INT8: the tests that check INT8 behaviour quantize this one (TinyNet's 3- and
+    8-channel convolutions run in FP16 on the NPU whatever the configuration asks)."""
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.conv1 = nn.Conv2d(20, 24, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(24)
+        self.dw = nn.Conv2d(24, 24, 3, padding=1, groups=24)
+        self.bn_dw = nn.BatchNorm2d(24)
+        self.pw = nn.Conv2d(24, 24, 1)
+        self.grouped = nn.Conv2d(24, 32, 3, stride=2, padding=1, groups=2, bias=False)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, 5)
+
+
+def build_wide():
+    return build(WideNet)

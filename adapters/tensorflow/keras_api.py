@@ -209,6 +209,7 @@ def npu_skips_int8(layers: dict) -> list[str]:
             cin, groups = _cin(layer), int(getattr(layer, "groups", 1) or 1)
         elif t == "SeparableConv2D":  # the depthwise half is exempt; the pointwise is not
             cin, groups = int(layer.pointwise_kernel.shape[-2]), 1
+            name = f"{name}/pointwise"
         else:
             continue
         if int8_skipped(cin, groups, profile):
@@ -250,10 +251,10 @@ def optimize_model(model, config_path):
                             hint="set it to 'float' or use the plain float32 layer")
     narrow = npu_skips_int8({n: by_name[n] for n in quantized})
     if narrow:
-        warnings.warn(f"layer(s) {', '.join(narrow)}: the NPU runs INT8 convolutions only for "
-                      f"Cin > 16 and will run these in FP16 (the fake-quant model does the "
-                      f"same in inference, but trains them as INT8); set them to 'float' in "
-                      f"the config", stacklevel=2)
+        warnings.warn(f"dopt: INT8 requested for layer(s) {', '.join(narrow)}; dopt simulates "
+                      f"them as the NPU's FP16 kernel in training and inference and exports "
+                      f"them as float layers (no INT8 parameters); set them to 'float' in the "
+                      f"config to silence this", stacklevel=2)
     pairs = conv_bn_pairs(model)
     bn_of = {by_name[c].name: by_name[b] for c, b in pairs.items()}
     paired_bns = {b for b in pairs.values()}
@@ -343,11 +344,11 @@ def set_calibrate_state(model, calibrate: bool):
     for w in KL.wrappers(model):
         w._sw.npu_edges.assign(not calibrate)
         if isinstance(w, KL.QuantWrapper):
-            for i, act in enumerate(w.acts):
+            for part in w.int8_parts:
                 if calibrate:
-                    act.start()
-                elif act.collect and not act.finish():
-                    uncalibrated.append(w.name + ("/pointwise" if i else ""))
+                    part.act.start()
+                elif part.act.collect and not part.act.finish():
+                    uncalibrated.append(range_key(w, part))
             w._sw.float_path.assign(calibrate)
     if uncalibrated:
         warnings.warn("dopt: no calibration data reached layer(s) "
@@ -383,11 +384,17 @@ def get_quant_loss(model):
 
 
 def ranges(model) -> dict[str, tuple[float, float] | None]:
-    """``{layer (or layer/pointwise): (lo, hi)}``; None where no range is set yet."""
+    """``{layer (or layer/pointwise): (lo, hi)}`` of every INT8 part; None where no range
+    is set yet. A part the NPU runs in FP16 has no range."""
     out = {}
     for w in KL.quant_wrappers(model):
-        for i, act in enumerate(w.acts):
-            key = w.name + ("/pointwise" if i else "")
-            out[key] = ((float(np.float32(act.lo.numpy())), float(np.float32(act.hi.numpy())))
-                        if act.is_set else None)
+        for part in w.int8_parts:
+            act = part.act
+            out[range_key(w, part)] = ((float(np.float32(act.lo.numpy())),
+                                        float(np.float32(act.hi.numpy()))) if act.is_set else None)
     return out
+
+
+def range_key(w, part) -> str:
+    """How ``ranges`` and messages name a part: the layer, or ``layer/pointwise``."""
+    return w.name + ("/pointwise" if part.kind == "pointwise" else "")

@@ -116,8 +116,8 @@ def _check_matches_config(qmodel, cfg, weights_file) -> None:
                         "are INT8", file=cfg.path, field="layer_strategy",
                         expected=", ".join(want) or "none", found=", ".join(have) or "none",
                         hint="pass the configuration the model was optimized with")
-    missing = [w.name + ("/pointwise" if i else "") for w in KL.quant_wrappers(qmodel)
-               for i, a in enumerate(w.acts) if not a.is_set]
+    missing = [KA.range_key(w, p) for w in KL.quant_wrappers(qmodel) for p in w.int8_parts
+               if not p.act.is_set]
     if missing:
         raise DoptError(f"layer(s) {', '.join(missing)} have no activation range",
                         file=str(weights_file) if weights_file else None,
@@ -298,7 +298,7 @@ def _locate(qmodel, fused, frozen, onnx_model) -> dict[str, str]:
                 cands = [n for n in graph if n not in taken and matches(n, want)]
                 hit = cands[0] if len(cands) == 1 else None
             if hit is None:
-                if isinstance(w, KL.QuantWrapper):
+                if isinstance(w, KL.QuantWrapper) and not p.npu_fp16:
                     raise DoptError(f"quantized layer '{w.name}' could not be located in the "
                                     f"converted ONNX graph", hint="give layers distinct "
                                     "weights (calibrate or train first); if it persists, report "
@@ -401,6 +401,8 @@ def _params(qmodel, cfg, fused_onnx, placed: dict[str, str]) -> dict:
     nodes = {n.name: n for n in fused_onnx.graph.node}
     for w in KL.quant_wrappers(qmodel):
         for p, part_name in zip(w._parts, _part_names(w)):
+            if p.npu_fp16:  # INT8 asked, but the NPU runs it in FP16: a float layer
+                continue
             node = nodes[placed[part_name]]
             scale, offset = p.act.qparams()
             wk, _ = w.folded(p)

@@ -13,6 +13,13 @@ The Keras counterpart of the PyTorch adapter's ``modules.py`` + ``npu_edges.py``
   convolution): untouched in training, in inference it computes what the NPU's FP16 kernel
   computes (BN folded in float32, weights, bias, input and output rounded to FP16).
 
+A convolution asked for INT8 that the NPU runs in FP16 anyway (``dopt.npu.rules.int8_skipped``:
+Cin too small for INT8 to pay; for a ``SeparableConv2D`` its pointwise half) is a part of
+a :class:`QuantWrapper` without an input quantizer (``npu_fp16``): it computes that FP16
+kernel in training (straight-through gradients) and in inference, and is exported as a
+float layer, so neither QAT nor the fake-quant model counts on an INT8 step the compiled
+model will not have.
+
 BN folding is the usual simulated folding: in training the convolution runs with the
 folded, quantized weight divided by the BN factor ``f = gamma / sigma`` so that the BN
 normalizes with batch statistics (moving statistics update); in inference, or once
@@ -192,8 +199,10 @@ def _reshape_like_kernel(f, kernel, depthwise: bool):
 class _Part:
     """One NPU layer inside a wrapper: a kernel, how to apply it, its input quantizer."""
 
-    def __init__(self, kind: str, kernel_attr: str, act: ActRange | None, last: bool):
+    def __init__(self, kind: str, kernel_attr: str, act: ActRange | None, last: bool,
+                 name: str = ""):
         self.kind, self.kernel_attr, self.act, self.last = kind, kernel_attr, act, last
+        self.name = name  # the part's node name in the exported ONNX graph
         self.npu_fp16 = False  # INT8 asked, but the NPU runs it in FP16 (narrow Cin)
 
     @property
@@ -205,12 +214,33 @@ def _parts(layer, acts: list) -> list[_Part]:
     t = op_type(layer) or ("BatchNormalization" if isinstance(
         layer, keras.layers.BatchNormalization) else None)
     if t == "SeparableConv2D":
-        return [_Part("depthwise", "depthwise_kernel", acts[0], False),
-                _Part("pointwise", "pointwise_kernel", acts[1], True)]
+        return [_Part("depthwise", "depthwise_kernel", acts[0], False, f"{layer.name}/depthwise"),
+                _Part("pointwise", "pointwise_kernel", acts[1], True, f"{layer.name}/pointwise")]
     kind = {"Conv2D": "conv", "DepthwiseConv2D": "depthwise", "Dense": "dense"}.get(t)
     if kind is None:
         return []
-    return [_Part(kind, "kernel", acts[0], True)]
+    return [_Part(kind, "kernel", acts[0], True, layer.name)]
+
+
+def _npu_fp16_parts(layer) -> list[bool]:
+    """Per part of ``layer`` (see ``_parts``): does the NPU run it in FP16 even when INT8 is
+    asked? The hardware profile's rule (``dopt.npu.rules.int8_skipped``) decides."""
+    from dopt.npu.profile import load_profile
+    from dopt.npu.rules import int8_skipped
+    profile = load_profile()
+    t = op_type(layer)
+    if t == "Conv2D":
+        groups = int(getattr(layer, "groups", 1) or 1)
+        return [int8_skipped(int(layer.kernel.shape[-2]) * groups, groups, profile)]
+    if t == "SeparableConv2D":  # the depthwise half is exempt, the pointwise one is not
+        return [False, int8_skipped(int(layer.pointwise_kernel.shape[-2]), 1, profile)]
+    return [False]
+
+
+def fp16_ste(x):
+    """``fake_quant.round_fp16`` with a straight-through gradient, for training: the cast's
+    own gradient would round the gradient to FP16 too and flush small ones to zero."""
+    return x + tf.stop_gradient(fq.round_fp16(x) - x)
 
 
 def _apply(layer, part: _Part, x, kernel):
@@ -324,20 +354,14 @@ class QuantWrapper(_DoptWrapper):
 
     def build(self, input_shape=None):
         super().build(input_shape)
-        from dopt.npu.profile import load_profile
-        from dopt.npu.rules import int8_skipped
-        profile = load_profile()
-        for p in self._parts:
-            if p.kind in ("conv", "pointwise"):
-                k = getattr(self.layer, p.kernel_attr)
-                groups = int(getattr(self.layer, "groups", 1) or 1) if p.kind == "conv" else 1
-                p.npu_fp16 = int8_skipped(int(k.shape[-2]) * groups, groups, profile)
+        for p, fp16 in zip(self._parts, _npu_fp16_parts(self.layer)):
+            p.npu_fp16 = fp16
 
     def _make_acts(self):
-        acts = [ActRange(self, "input", self.algorithm)]
-        if op_type(self.layer) == "SeparableConv2D":
-            acts.append(ActRange(self, "pointwise_input", self.algorithm))
-        return acts
+        """An input quantizer per part the NPU runs in INT8 (None for an FP16 part)."""
+        prefixes = ["input", "pointwise_input"]
+        return [None if fp16 else ActRange(self, prefixes[i], self.algorithm)
+                for i, fp16 in enumerate(_npu_fp16_parts(self.layer))]
 
     def get_config(self):
         config = super().get_config()
@@ -346,7 +370,13 @@ class QuantWrapper(_DoptWrapper):
 
     @property
     def acts(self) -> list[ActRange]:
-        return [p.act for p in self._parts]
+        """The input quantizers, one per INT8 part (see ``int8_parts``)."""
+        return [p.act for p in self.int8_parts]
+
+    @property
+    def int8_parts(self) -> list[_Part]:
+        """The parts the NPU runs in INT8 (those that get a parameter-file record)."""
+        return [p for p in self._parts if not p.npu_fp16]
 
     @property
     def parts(self) -> list[_Part]:
@@ -376,6 +406,9 @@ class QuantWrapper(_DoptWrapper):
     def _fake_quant_forward(self, x, training: bool):
         """Float32 fake-quant: what QAT trains and what the QDQ ONNX model computes."""
         for p in self._parts:
+            if p.npu_fp16:
+                x = self._fp16_train_step(x, p) if training else self._float_step(x, p)
+                continue
             lo, hi = p.act.range(x)
             x = fq.fake_quant_activation(x, lo, hi)
             if p.last and training and self.bn is not None:
@@ -393,6 +426,29 @@ class QuantWrapper(_DoptWrapper):
         if bq is not None:
             y = y + _per_out_channel(bq, self.layer, len(y.shape))
         return y
+
+    def _float_step(self, x, p: _Part):
+        """``p`` as the float32 folded layer the ONNX file holds (export checks)."""
+        w, b = self.folded(p)
+        y = _apply(self.layer, p, x, w)
+        return y if b is None else y + _per_out_channel(b, self.layer, len(y.shape))
+
+    def _fp16_train_step(self, x, p: _Part):
+        """QAT of a part the NPU runs in FP16: that kernel with straight-through rounding;
+        with a BN (not frozen), the folded weight rounded and divided back by ``f``."""
+        x = fp16_ste(x)
+        if p.last and self.bn is not None:
+            def bn_step():
+                w = self.kernel(p)
+                f = _reshape_like_kernel(_bn_factor(self.bn), w, p.depthwise)
+                y = _apply(self.layer, p, x, fp16_ste(w * f) / f)
+                b = self.raw_bias()
+                if b is not None:
+                    y = y + _per_out_channel(b, self.layer, len(y.shape))
+                return fp16_ste(self.bn(y, training=True))
+            return tf.cond(self._sw.freeze_bn, lambda: _fp16_step(self, p, x, fp16_ste),
+                           bn_step)
+        return _fp16_step(self, p, x, fp16_ste)
 
     def _bn_train_step(self, x, p: _Part):
         """conv(x, fq(w*f)) / f, with the 1/f on the (small) weight: BN then normalizes the
@@ -436,7 +492,7 @@ class QuantWrapper(_DoptWrapper):
     def quant_loss_terms(self) -> list:
         """``mean(((w - fq(w)) / s_w)^2)`` per part, in units of the step (see api)."""
         terms = []
-        for p in self._parts:
+        for p in self.int8_parts:
             w, _ = self.folded(p)
             s_w = fq.weight_scales(w, depthwise=p.depthwise)
             s = s_w if not p.depthwise else tf.reshape(s_w, tf.shape(w)[-2:])
@@ -474,14 +530,14 @@ class NpuFloatWrapper(_DoptWrapper):
         return fq.round_fp16(self._activation(x))
 
 
-def _fp16_step(wrapper: _DoptWrapper, p: _Part, x):
+def _fp16_step(wrapper: _DoptWrapper, p: _Part, x, rnd=fq.round_fp16):
     """One layer as the NPU's FP16 kernel: folded weights and bias cast to FP16, FP16
-    input, float32 arithmetic, FP16 output."""
+    input, float32 arithmetic, FP16 output. ``rnd``: the rounding (``fp16_ste`` in QAT)."""
     w, b = wrapper.folded(p)
-    y = _apply(wrapper.layer, p, fq.round_fp16(x), fq.round_fp16(w))
+    y = _apply(wrapper.layer, p, rnd(x), rnd(w))
     if b is not None:
-        y = y + _per_out_channel(fq.round_fp16(b), wrapper.layer, len(y.shape))
-    return fq.round_fp16(y)
+        y = y + _per_out_channel(rnd(b), wrapper.layer, len(y.shape))
+    return rnd(y)
 
 
 def custom_objects() -> dict:

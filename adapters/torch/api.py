@@ -13,7 +13,8 @@ from dopt.formats.strategy_config import (check_against_model, format_input_shap
 from dopt.errors import DoptError
 
 from . import fake_quant as fq, layers as L, npu_edges
-from .modules import ActQuantizer, QuantConv2d, QuantLinear, quant_layers
+from .modules import (ActQuantizer, Fp16Ops, NpuFp16Conv2d, QuantConv2d, QuantLinear, _QuantLayer,
+                      npu_fp16_layers, quant_layers, round_fp16)
 
 INFO_ATTR = "dopt_quant_info"
 
@@ -70,14 +71,67 @@ def generate_config_file(model, input_shape, dst_path):
 
 def npu_skips_int8(mods: dict, names) -> list[str]:
     """Convolutions the target NPU would run in FP16 even if asked for INT8 (profile rule)."""
+    return list(_npu_fp16_reasons(mods, names))
+
+
+def _npu_fp16_reasons(mods: dict, names) -> dict[str, str]:
+    """``{name: why}`` for the convolutions among ``names`` that ``dopt.npu.rules.int8_skipped``
+    keeps in FP16 on the target NPU, in the rule's own words."""
     from dopt.npu.profile import load_profile
-    from dopt.npu.rules import int8_skipped
+    from dopt.npu.rules import int8_skip_reason, int8_skipped
     profile = load_profile()
-    return [n for n in names if isinstance(mods[n], nn.Conv2d)
-            and int8_skipped(mods[n].in_channels, mods[n].groups, profile)]
+    return {n: int8_skip_reason(mods[n].in_channels, profile) for n in names
+            if isinstance(mods[n], nn.Conv2d)
+            and int8_skipped(mods[n].in_channels, mods[n].groups, profile)}
+
+
+def _install_fp16_ops(model: nn.Module, edges) -> None:
+    """Eval mode as the NPU computes between the weighted layers: the model's inputs are
+    read as FP16 (converted on the way in) and every op's output is rounded to FP16
+    (``Fp16Ops``, active for the duration of the model's forward), except inside the
+    modules that reproduce the NPU's arithmetic themselves."""
+    mode = Fp16Ops()
+    entered = []
+
+    def rnd(v):
+        return round_fp16(v) if torch.is_tensor(v) and v.is_floating_point() else v
+
+    def enter(module, args, kwargs):
+        if not edges.active(module) or entered:
+            return None
+        mode.__enter__()
+        entered.append(True)
+        return tuple(rnd(a) for a in args), {k: rnd(v) for k, v in kwargs.items()}
+
+    def leave(module, args, output):
+        if entered:
+            entered.pop()
+            mode.__exit__(None, None, None)
+        return None
+
+    def pause(module, args):
+        mode.paused += 1
+
+    def resume(module, args, output):
+        mode.paused = max(0, mode.paused - 1)
+        return None
+
+    model.register_forward_pre_hook(enter, with_kwargs=True)
+    model.register_forward_hook(leave, always_call=True)
+    for m in model.modules():
+        if isinstance(m, (_QuantLayer, NpuFp16Conv2d, nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+            m.register_forward_pre_hook(pause)
+            m.register_forward_hook(resume, always_call=True)
 
 
 def optimize_model(model, config_path):
+    """Wrap the configured layers (see ``modules``) and install the NPU's float numerics.
+
+    A convolution configured INT8 that the NPU runs in FP16 (Cin too small, the hardware
+    profile's ``int8_min_cin``) becomes an ``NpuFp16Conv2d``: simulated as that FP16 kernel
+    in training and inference, exported as a float layer (no INT8 record), so the
+    fake-quant model predicts the compiled one whatever the configuration asks.
+    """
     _reject_wrapped(model, "optimize_model")
     if getattr(model, INFO_ATTR, None) is not None:
         raise DoptError("optimize_model was given a model that is already optimized",
@@ -86,33 +140,38 @@ def optimize_model(model, config_path):
     if cfg.input_shape:
         check_input_names(model, cfg.input_shapes, file=cfg.path)
     check_against_model(cfg, L.quantizable_layers(model), L.STRATEGIES, resolve_algorithm)
-    quantized = cfg.quantized_layers()
+    requested = cfg.quantized_layers()
     mods = dict(model.named_modules())
-    narrow = npu_skips_int8(mods, quantized)
+    narrow = _npu_fp16_reasons(mods, requested)
     if narrow:
-        warnings.warn(f"layer(s) {', '.join(narrow)}: the NPU runs INT8 convolutions only for "
-                      f"Cin > 16 and will run these in FP16, so the fake-quant model will not "
-                      f"predict the compiled one there; set them to 'float' in the config",
-                      stacklevel=2)
+        warnings.warn(f"dopt: INT8 requested for layer(s) "
+                      f"{', '.join(f'{n} ({why})' for n, why in narrow.items())}; dopt "
+                      f"simulates them as the NPU's FP16 kernel in training and inference and "
+                      f"exports them as float layers (no INT8 parameters); set them to 'float' "
+                      f"in the config to silence this", stacklevel=2)
+    quantized = [n for n in requested if n not in narrow]
     all_pairs = L.conv_bn_pairs(model)
-    pairs = {c: b for c, b in all_pairs.items() if c in quantized}
-    for name in quantized:
+    pairs = {c: b for c, b in all_pairs.items() if c in requested}
+    for name in requested:
         m = mods[name]
-        alg = cfg.range_algorithm(name)
-        act = ActQuantizer(range_observer(alg, default=None), alg)
-        if isinstance(m, nn.Conv2d):
-            bn_name = pairs.get(name)
-            bn = mods[bn_name] if bn_name else None
-            q = QuantConv2d(m, act, bn, bn_name)
-            if bn_name:
-                L.set_module(model, bn_name, nn.Identity())
+        bn_name = pairs.get(name)
+        bn = mods[bn_name] if bn_name else None
+        if name in narrow:
+            q = NpuFp16Conv2d(m, bn, bn_name, narrow[name])
+        elif isinstance(m, nn.Conv2d):
+            alg = cfg.range_algorithm(name)
+            q = QuantConv2d(m, ActQuantizer(range_observer(alg, default=None), alg), bn, bn_name)
         else:
-            q = QuantLinear(m, act)
+            alg = cfg.range_algorithm(name)
+            q = QuantLinear(m, ActQuantizer(range_observer(alg, default=None), alg))
+        if bn_name:
+            L.set_module(model, bn_name, nn.Identity())
         q.to(next(m.parameters()).device)
         L.set_module(model, name, q)
-    edges = npu_edges.install(model, set(quantized), all_pairs)
+    edges = npu_edges.install(model, set(requested), all_pairs)
+    _install_fp16_ops(model, edges)
     setattr(model, INFO_ATTR, {"config": cfg.path, "quantized": quantized, "bn_pairs": pairs,
-                               "npu_edges": edges,
+                               "npu_fp16": narrow, "npu_edges": edges,
                                "input_shape": cfg.input_shape})
     return model
 
@@ -131,6 +190,8 @@ def set_calibrate_state(model, calibrate: bool):
         model.eval()
     elif not calibrate and "mode_before_calibration" in info:
         model.train(info.pop("mode_before_calibration"))
+    for _, m in npu_fp16_layers(inner):
+        m.calibrating = bool(calibrate)
     uncalibrated = []
     for name, q in quant_layers(inner):
         if calibrate:
@@ -150,8 +211,8 @@ def freeze_bn_stats(model, freeze: bool = True):
     statistics folded in), the usual second phase of QAT.
     """
     inner = unwrap(model)
-    for _, q in quant_layers(inner):
-        if isinstance(q, QuantConv2d):
+    for _, q in list(quant_layers(inner)) + list(npu_fp16_layers(inner)):
+        if isinstance(q, (QuantConv2d, NpuFp16Conv2d)):
             q.freeze_bn_stats = bool(freeze)
     return model
 

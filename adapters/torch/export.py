@@ -24,7 +24,7 @@ from dopt.formats.fileio import staged_outputs
 
 from . import api, layers as L
 from .checkpoint import load_into, load_state_dict
-from .modules import QuantConv2d, quant_layers
+from .modules import npu_fp16_layers, quant_layers
 from .npu_edges import npu_numerics
 
 FUSED_NAME = "model_fused.onnx"
@@ -34,14 +34,19 @@ OPSET = 17
 CHECK_SAMPLES = 16
 
 
+def _wrapped(model: nn.Module) -> list:
+    """Every dopt wrapper: quantized layers and the FP16 stand-ins of narrow convolutions."""
+    return list(quant_layers(model)) + list(npu_fp16_layers(model))
+
+
 def _deploy_model(qmodel: nn.Module) -> nn.Module:
     """Plain float model: quant wrappers replaced by layers holding the folded weights."""
     dep = copy.deepcopy(qmodel)
-    for name, q in list(quant_layers(dep)):
+    for name, q in _wrapped(dep):
         w, b = q.folded()
         layer = q.layer
         with torch.no_grad():
-            if isinstance(q, QuantConv2d) and q.bn is not None and layer.bias is None:
+            if getattr(q, "bn", None) is not None and layer.bias is None:
                 layer.bias = nn.Parameter(torch.zeros(layer.out_channels))
             layer.weight.copy_(w.detach())
             if b is not None:
@@ -55,8 +60,8 @@ def _deploy_model(qmodel: nn.Module) -> nn.Module:
 def _unfused_float(qmodel: nn.Module) -> nn.Module:
     """The trained network in float, BN separate: the reference for the fusion check."""
     ref = copy.deepcopy(qmodel)
-    for name, q in list(quant_layers(ref)):
-        if isinstance(q, QuantConv2d) and q.bn is not None:
+    for name, q in _wrapped(ref):
+        if getattr(q, "bn", None) is not None:
             L.set_module(ref, name, nn.Sequential(q.layer, q.bn))
         else:
             L.set_module(ref, name, q.layer)

@@ -11,6 +11,14 @@ statistics keep updating); in eval, or
 once ``freeze_bn_stats`` is set, it computes exactly the folded layer that is
 exported - weight ``w * gamma / sigma``, bias ``beta + (b - mu) * gamma / sigma``,
 int32-quantized bias.
+
+``NpuFp16Conv2d`` takes the place of a convolution configured INT8 that the NPU runs in
+FP16 anyway (``dopt.npu.rules.int8_skipped``: Cin too small for INT8 to pay): it holds the
+layer and its BatchNorm like ``QuantConv2d`` but simulates that FP16 kernel - weights,
+bias, input and output rounded to FP16 - in training (straight-through gradients) and in
+inference, so that neither QAT nor the fake-quant model counts on an INT8 step the
+compiled model will not have. It carries no quantization parameters and is exported as a
+float layer.
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from . import fake_quant as fq
 
@@ -123,6 +132,12 @@ def round_fp16(t):
     return t.half().float()
 
 
+def round_fp16_ste(t):
+    """``round_fp16`` with a straight-through gradient, for training: the cast's own
+    gradient would round the gradient to FP16 as well and flush small ones to zero."""
+    return t + (t.half().float() - t).detach()
+
+
 def bn_factor(bn: nn.BatchNorm2d):
     """Per-channel ``gamma / sqrt(var + eps)`` of an eval-mode BatchNorm."""
     std = torch.sqrt(bn.running_var + bn.eps)
@@ -195,6 +210,101 @@ class QuantConv2d(_QuantLayer):
         wq, bq, _ = self.quantized_params()
         y = self._conv(x, wq, bq)
         return round_fp16(y) if deploy else y
+
+
+class NpuFp16Conv2d(nn.Module):
+    """A convolution asked for INT8 that the NPU runs in FP16: simulated as that kernel.
+
+    Training: FP16 input, FP16 weight and output, straight-through gradients; with a
+    BatchNorm (not frozen) the weight rounded is the folded one, ``fp16(w * f) / f``, as in
+    ``QuantConv2d``. Inference (and frozen BN): exactly the compiled FP16 kernel, BN folded
+    in float32, then weight, bias, input and output in FP16. With the NPU edges off (the
+    export's float32 checks) inference is the float32 folded layer the ONNX file holds.
+    While calibrating it is the float layer.
+    """
+
+    def __init__(self, layer: nn.Conv2d, bn: nn.BatchNorm2d | None = None,
+                 bn_name: str | None = None, reason: str = ""):
+        super().__init__()
+        self.layer = layer
+        self.bn = bn
+        self.bn_name = bn_name
+        self.reason = reason
+        self.freeze_bn_stats = False
+        self.calibrating = False
+
+    def extra_repr(self):
+        return self.reason
+
+    def folded(self):
+        w, b = self.layer.weight, self.layer.bias
+        if self.bn is None:
+            return w, b
+        return fold_bn(w, b, self.bn)
+
+    def forward(self, x):
+        if self.calibrating:
+            y = conv2d_as(self.layer, x, self.layer.weight, self.layer.bias)
+            if self.bn is not None:
+                y = F.batch_norm(y, self.bn.running_mean, self.bn.running_var, self.bn.weight,
+                                 self.bn.bias, False, 0.0, self.bn.eps)
+            return y
+        if not self.training and not _QuantLayer.npu_edges:
+            w, b = self.folded()
+            return conv2d_as(self.layer, x, w, b)
+        x = round_fp16_ste(x)
+        if self.bn is not None and self.training and not self.freeze_bn_stats:
+            f = bn_factor(self.bn).reshape(-1, 1, 1, 1)
+            w = round_fp16_ste(self.layer.weight * f) / f
+            return round_fp16_ste(self.bn(conv2d_as(self.layer, x, w, self.layer.bias)))
+        w, b = self.folded()
+        if b is None:
+            b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+        return round_fp16_ste(conv2d_as(self.layer, x, round_fp16_ste(w), round_fp16_ste(b)))
+
+
+def npu_fp16_layers(model: nn.Module):
+    """``(qualified name, module)`` of every ``NpuFp16Conv2d`` in ``model``."""
+    for name, m in model.named_modules():
+        if isinstance(m, NpuFp16Conv2d):
+            yield name, m
+
+
+class Fp16Ops(TorchFunctionMode):
+    """While active: every float tensor a torch function returns is rounded to FP16, as the
+    NPU rounds the output of every op it runs (a residual add, a pooling, an activation),
+    not only at the edges of the weighted layers.
+
+    ``paused`` > 0 inside modules that reproduce the NPU's arithmetic themselves (dopt's
+    wrappers and the float layers' hooks): their intermediate values are float32 there,
+    as in the compiler's folding, and their outputs are rounded already.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.paused = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.paused:
+            return out
+        if isinstance(out, torch.Tensor):
+            return _round_op_output(out, args)
+        if isinstance(out, (tuple, list)) and any(isinstance(o, torch.Tensor) for o in out):
+            return type(out)(_round_op_output(o, args) if isinstance(o, torch.Tensor) else o
+                              for o in out)
+        return out
+
+
+def _round_op_output(t, args):
+    if t.dtype != torch.float32 or isinstance(t, nn.Parameter):
+        return t
+    r = t.half().float()
+    if any(a is t for a in args):  # an in-place op: whoever holds the tensor sees FP16
+        with torch.no_grad():
+            t.copy_(r)
+        return t
+    return r
 
 
 def quant_layers(model: nn.Module):

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from demos.fashion_mnist import data, demo, models
+from dopt_adapters.torch.distill import DistillationLoss
 from dopt.dopt_torch.opt_main import (freeze_bn_stats, generate_config_file, generate_final_model,
                                       optimize_model, set_calibrate_state)
 
@@ -84,6 +85,8 @@ def qat(q, xtr, ytr, epochs=1.0, lr=1e-3, batch=64, seed=0, optimizer="sgd", fre
         opt = torch.optim.Adam(q.parameters(), lr=lr)
     steps = int(epochs * len(xtr) / batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    kd = DistillationLoss(teacher, q, temperature=kd_temp, kd_weight=kd_weight) \
+        if teacher is not None else None
     q.train()
     for s in range(steps):
         if s == int(freeze_at * steps) and hasattr(q, "dopt_quant_info"):
@@ -93,12 +96,9 @@ def qat(q, xtr, ytr, epochs=1.0, lr=1e-3, batch=64, seed=0, optimizer="sgd", fre
         if rng.random() < 0.5:
             xb = xb.flip(3)  # the float training's augmentation
         logits = q(xb)
-        loss = F.cross_entropy(logits, torch.from_numpy(ytr[idx]))
-        if teacher is not None:
-            with torch.no_grad():
-                t = F.softmax(teacher(xb) / kd_temp, dim=1)
-            loss = loss + kd_weight * kd_temp ** 2 * F.kl_div(
-                F.log_softmax(logits / kd_temp, dim=1), t, reduction="batchmean")
+        labels = torch.from_numpy(ytr[idx])
+        # CE + kd_weight * T^2 * KL(teacher_T || student_T): dopt.distill's loss
+        loss = kd(logits, xb, labels) if kd is not None else F.cross_entropy(logits, labels)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -354,6 +354,48 @@ def dopt_nas_backend(adapter: str) -> type | None:
     """
 
 
+# --- pruning and distillation (``dopt prune``, ``dopt.distill``; adapter operations) ----
+
+
+@hookspec(firstresult=True)
+def dopt_prune_backend(adapter: str) -> type | None:
+    """The class that carries out structured channel pruning in the adapter's framework.
+
+    The framework-free search (``dopt.prune``) builds it as ``cls(model, input_shape=...,
+    importance=..., calib_data=..., eval_fn=..., ignored_layers=..., log=...)`` and drives
+    it through the ``dopt.prune.backend.PruneBackend`` protocol: channel groups from a
+    dependency graph, per-channel importance, pruned candidates exported as ONNX for the NPU
+    cost model, BatchNorm recalibration and the saved rebuild files (``docs/pruning.md``).
+
+    :param adapter: the adapter that claims the model (``torch``); the call reaches only
+        that adapter's implementation.
+    :returns: the backend class (not an instance), or ``None``.
+    :firstresult: yes: the chosen adapter's result, ``None`` if it does not implement it.
+    """
+
+
+@hookspec(firstresult=True)
+def dopt_distill_loss(adapter: str, teacher: Any, student: Any, config: Any) -> Any | None:
+    """A knowledge-distillation loss in the adapter's framework, for the user's own loop.
+
+    ``dopt.distill.loss(teacher, student, ...)`` validates the settings into a
+    ``dopt.distill.DistillConfig`` and dispatches on the adapter that claims ``student``.
+    The loss adds KL divergence at temperature ``T`` between the frozen teacher's and the
+    student's logits (scaled by ``T**2``) and, optionally, the MSE between paired
+    intermediate features (through a trainable 1x1 adapter where widths differ), each
+    weighted on the config's schedule (``docs/pruning.md``).
+
+    :param adapter: the adapter that claims ``student``; the call reaches only that
+        adapter's implementation.
+    :param teacher: the trained model to distil from (left unchanged, its parameters frozen).
+    :param student: the model being trained (e.g. a pruned or a QAT model).
+    :param config: the validated ``dopt.distill.DistillConfig``.
+    :returns: the framework's loss object (a ``torch.nn.Module`` for PyTorch, a Keras
+        model wrapper for Keras), or ``None``.
+    :firstresult: yes: the chosen adapter's result, ``None`` if it does not implement it.
+    """
+
+
 # --- introspection ----------------------------------------------------------------------
 
 

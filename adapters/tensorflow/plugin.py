@@ -35,7 +35,7 @@ def dopt_adapter_info():
             "operations": ["generate_config_file", "optimize_model", "set_calibrate_state",
                            "get_quant_loss", "generate_final_model",
                            "quantize_file (dopt_so --framework 3)",
-                           "convert_model (dopt omg --framework 3)"],
+                           "convert_model (dopt omg --framework 3)", "distill_loss"],
             "strategies": ["float", "Quant_INT8-8"],
             "options": {op: list(names) for op, names in OPTIONS.items()}}
 
@@ -150,3 +150,11 @@ def dopt_convert_model(framework, model_path, input_shapes, out_nodes, params, p
     if params is not None:
         params = convert.remap_params(params, frozen, model, file=params_file)
     return model, params
+
+
+@hookimpl
+def dopt_distill_loss(teacher, student, config):
+    if not _is_keras(student):
+        return None
+    from .distill import Distiller
+    return Distiller(teacher, student, config)

@@ -26,7 +26,8 @@ def dopt_adapter_info():
     return {"name": NAME, "framework": "PyTorch", "extra": "torch",
             "accepts": "a torch.nn.Module (optionally wrapped in DistributedDataParallel)",
             "operations": ["generate_config_file", "optimize_model", "set_calibrate_state",
-                           "get_quant_loss", "generate_final_model", "nas_backend"],
+                           "get_quant_loss", "generate_final_model", "nas_backend",
+                           "prune_backend", "distill_loss"],
             "strategies": ["float", "Quant_INT8-8"],
             "options": {op: list(names) for op, names in OPTIONS.items()}}
 
@@ -93,3 +94,15 @@ def dopt_quantize_file(job):
 def dopt_nas_backend():
     from .nas_backend import TorchNasBackend
     return TorchNasBackend
+
+
+@hookimpl
+def dopt_prune_backend():
+    from .prune_backend import TorchPruneBackend
+    return TorchPruneBackend
+
+
+@hookimpl
+def dopt_distill_loss(teacher, student, config):
+    from .distill import DistillationLoss
+    return DistillationLoss(teacher, student, config)

@@ -142,6 +142,8 @@ DELEGATED: dict[str, tuple[str, str, str]] = {
     "sign": ("..deploy.cli", "sign_main", "sign a deployment folder"),
     "verify": ("..deploy.cli", "verify_main", "verify a signed deployment folder"),
     "nas": ("..nas.cli", "main", "hardware-aware architecture search (scen.yaml)"),
+    "prune": ("..prune.cli", "main",
+              "NPU-aware structured pruning + distillation fine-tuning (net.py + .pth)"),
 }
 
 

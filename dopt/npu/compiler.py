@@ -357,8 +357,11 @@ def analyze(model, profile: HardwareProfile, *, params: dict | None = None,
 def compile_onnx(model, profile: HardwareProfile, *, params: dict | None = None,
                  params_file: str | None = None, input_shapes=None, out_nodes=None,
                  weight_data_type: str = "FP16", op_name_map: dict | None = None,
-                 source: str | None = None) -> tuple[OmModel, dict]:
-    """Returns the compiled model and the pre-check report it was built from."""
+                 source: str | None = None, aipp: list | None = None,
+                 aipp_file: str | None = None) -> tuple[OmModel, dict]:
+    """Returns the compiled model and the pre-check report it was built from.
+    ``aipp``: checked ``aipp_op`` specs (``aipp_config.parse_file``), put first on their
+    inputs by ``aipp_graph.insert``."""
     m, g, report = analyze(model, profile, params=params, params_file=params_file,
                            input_shapes=input_shapes, out_nodes=out_nodes,
                            op_name_map=op_name_map, source=source)
@@ -382,4 +385,7 @@ def compile_onnx(model, profile: HardwareProfile, *, params: dict | None = None,
              "int8_layers": sorted(x["node"] for x in report["nodes"] if x["int8"])} \
         if params else {"int8_layers": []}
     om = OmModel(graph=graph, tensors=tensors, profile=profile.stamp(), quant=quant, meta=meta)
+    if aipp:
+        from .aipp_graph import insert
+        insert(om, aipp, report, profile, file=aipp_file)
     return om, report

@@ -37,7 +37,7 @@ def build_parser(prog="dopt omg") -> argparse.ArgumentParser:
     ap.add_argument("--output_type")
     ap.add_argument("--out_nodes")
     ap.add_argument("--check_report", help="pre-check report path (JSON)")
-    ap.add_argument("--insert_op_conf")
+    ap.add_argument("--insert_op_conf", help="AIPP config file (docs/omg.md)")
     ap.add_argument("--op_name_map")
     ap.add_argument("--compress_conf", help="quantization parameter file from dopt")
     ap.add_argument("--weight_data_type", choices=("FP16", "FP32"), default="FP16")
@@ -144,7 +144,7 @@ def run_compile(a) -> int:
     for flag in ("model", "output"):
         if not getattr(a, flag):
             raise DoptError(f"--{flag} is required with --mode 0", field=f"--{flag}")
-    for flag in ("insert_op_conf", "dynamic_dims"):
+    for flag in ("dynamic_dims",):
         if getattr(a, flag):
             raise DoptError(f"--{flag} is not available in this version of the emulated "
                             f"compiler", field=f"--{flag}",
@@ -156,13 +156,17 @@ def run_compile(a) -> int:
     profile = load_profile(a.profile)
     shapes = parse_input_shape(a.input_shape, source="--input_shape", allow_dynamic=True) \
         if a.input_shape else None
+    specs = None
+    if a.insert_op_conf:   # checked before the (slower) model load
+        from .aipp_config import parse_file
+        specs = parse_file(a.insert_op_conf)
     doc = P.read_params(a.compress_conf) if a.compress_conf else None
     model, doc, shapes, out_nodes = _load_source(a, shapes, doc)
     op_map = parse_op_name_map(a.op_name_map, profile) if a.op_name_map else None
     om, report = compile_onnx(model, profile, params=doc, params_file=a.compress_conf,
                               input_shapes=shapes, out_nodes=out_nodes,
                               weight_data_type=a.weight_data_type, op_name_map=op_map,
-                              source=a.model)
+                              source=a.model, aipp=specs, aipp_file=a.insert_op_conf)
     report["model"] = a.model
     if a.strict and report["summary"][CPU]:
         _refuse_fallback(report)

@@ -9,6 +9,11 @@ runtime; as there, it needs FP32 weights (``--weight_data_type FP32``).
 Two engines give the same answers: ``"fast"`` (one ONNX Runtime graph) and
 ``"reference"`` (NumPy, op by op). The batch dimension is free: N samples in one
 call are N independent inferences of the compiled single-sample model.
+
+A model compiled with AIPP (``--insert_op_conf``) takes raw UINT8 frames on those inputs:
+the ``Aipp`` kernels run first (``dopt.npu.aipp``, the one implementation of the
+numerics) and the engine runs the rest; a dynamic AIPP takes its run-time parameters per
+call, ``session.run(frames, aipp={...})``.
 """
 from __future__ import annotations
 
@@ -44,8 +49,10 @@ class Session:
                                 field=half[0], hint="compile with --weight_data_type FP32 to run "
                                 "on the CPU, or use device='npu'")
         npu = device == "npu"
-        self._engine = (FastEngine(om, npu=npu, threads=threads) if engine == "fast"
-                        else ReferenceEngine(om, npu=npu))
+        self._aipp = _aipp_kernels(om)
+        body = _without_aipp(om, self._aipp) if self._aipp else om
+        self._engine = (FastEngine(body, npu=npu, threads=threads) if engine == "fast"
+                        else ReferenceEngine(body, npu=npu))
 
     @property
     def inputs(self) -> list[dict]:
@@ -81,6 +88,15 @@ class Session:
         for i in self.inputs:
             a = np.asarray(feeds[i["name"]])
             want = i["shape"]
+            if i.get("aipp"):
+                if a.dtype != np.uint8 or a.ndim < 2:
+                    raise DoptError(f"input '{i['name']}' takes raw UINT8 frames (AIPP)",
+                                    file=self.path, field=i["name"],
+                                    expected=f"a uint8 array {want}",
+                                    found=f"{a.dtype} {list(a.shape)}",
+                                    hint="pass the camera frames as they are; AIPP converts them")
+                out[i["name"]] = np.ascontiguousarray(a)
+                continue
             if want and (a.ndim != len(want) or any(
                     w > 0 and d != w for d, w in zip(a.shape[1:], want[1:]))):
                 raise DoptError(f"input '{i['name']}' has shape {list(a.shape)}", file=self.path,
@@ -93,14 +109,17 @@ class Session:
             out[i["name"]] = np.asarray(a, order="C")
         return out
 
-    def run(self, feeds) -> dict[str, np.ndarray]:
+    def run(self, feeds, *, aipp: dict | None = None) -> dict[str, np.ndarray]:
         """Inputs as ``{name: array}`` (or one array for single-input models).
 
         N samples are N independent inferences of the compiled model. A graph whose shapes
         were fixed at batch 1 (a folded ``expand`` of a class token, a reshape by
         ``batch * windows``) cannot take N at once: then the samples run one by one, and the
-        session remembers it."""
+        session remembers it. ``aipp``: run-time parameters of a dynamic AIPP (the config's
+        field names); for a model with several AIPP kernels, ``{kernel name: {...}}``."""
         feeds = self.prepare_feeds(feeds)
+        if self._aipp or aipp:
+            feeds = self._run_aipp(feeds, aipp)
         sizes = {len(v) for v in feeds.values() if np.ndim(v)}
         size = sizes.pop() if len(sizes) == 1 else 1
         if size == 1:
@@ -117,6 +136,54 @@ class Session:
         self._per_sample = True
         return self._run_per_sample(feeds, size)
 
+    @property
+    def aipp(self) -> list[dict]:
+        """The AIPP kernels: name, input, mode (static/dynamic) and the compiled spec."""
+        return [{"kernel": k["name"], "input": k["inputs"][0], "mode": spec["mode"],
+                 "spec": spec} for k, spec in self._aipp]
+
+    def _run_aipp(self, feeds: dict, params) -> dict:
+        from ..npu import aipp as A
+        if params is not None and not isinstance(params, dict):
+            raise DoptError("aipp= takes a dict of run-time AIPP parameters", field="aipp",
+                            found=type(params).__name__)
+        if params and not self._aipp:
+            raise DoptError("this model has no AIPP, so it takes no aipp= parameters",
+                            file=self.path, field="aipp", hint="drop aipp=")
+        names = [k["name"] for k, _ in self._aipp]
+        dynamic = [k["name"] for k, spec in self._aipp if spec["mode"] == "dynamic"]
+        if params and len(self._aipp) > 1:
+            unknown = sorted(set(params) - set(names))
+            if unknown:
+                raise DoptError(f"aipp= names unknown AIPP kernel(s) {unknown}", file=self.path,
+                                field="aipp", expected="keys among " + ", ".join(names))
+            per = params
+        else:
+            per = {names[0]: params} if params else {}
+        for name in per:
+            if name not in dynamic:
+                raise DoptError(f"AIPP '{name}' is static: its parameters are baked into the "
+                                f"model", file=self.path, field="aipp",
+                                hint="drop aipp=, or recompile with dynamic: true")
+        out = {k: v for k, v in feeds.items()}
+        for k, spec in self._aipp:
+            if spec["mode"] == "dynamic" and not per.get(k["name"]):
+                raise DoptError(f"AIPP '{k['name']}' is dynamic: pass its run-time parameters",
+                                file=self.path, field="aipp",
+                                expected="session.run(frames, aipp={'format': ..., "
+                                         "'src_image_size_w': ..., ...})")
+            raw = feeds[k["inputs"][0]]
+            y = A.run(spec, raw, k["attrs"]["channels"]["value"], per.get(k["name"]),
+                      layout=k["attrs"]["layout"]["value"])
+            if k["out_dtypes"][0] == "uint8":
+                y = np.clip(np.rint(y.astype(np.float32)), 0, 255).astype(np.uint8)
+            else:
+                y = y.astype(np.float32)
+            out[k["outputs"][0]] = y
+        for k, _ in self._aipp:
+            out.pop(k["inputs"][0], None)
+        return out
+
     def _run_per_sample(self, feeds: dict, size: int) -> dict[str, np.ndarray]:
         parts = [self._engine.run({k: v[i:i + 1] for k, v in feeds.items()})
                  for i in range(size)]
@@ -127,6 +194,36 @@ class Session:
         name = self.outputs[0]
         chunks = [self.run(x[i:i + batch_size])[name] for i in range(0, len(x), batch_size)]
         return np.concatenate(chunks) if chunks else np.empty((0,))
+
+
+def _aipp_kernels(om: OmModel) -> list:
+    import json
+    out = []
+    for k in om.graph["kernels"]:
+        if k["op"] == "Aipp":
+            try:
+                spec = json.loads(k["attrs"]["spec"]["value"])
+            except (KeyError, TypeError, ValueError):
+                raise DoptError(f"AIPP kernel '{k['name']}' has no readable spec",
+                                field=k["name"], hint="recompile the model") from None
+            out.append((k, spec))
+    return out
+
+
+def _without_aipp(om: OmModel, kernels) -> OmModel:
+    """The graph the engines run: AIPP outputs become its inputs (FP16 values)."""
+    g = dict(om.graph)
+    names = {k["name"] for k, _ in kernels}
+    raw = {k["inputs"][0] for k, _ in kernels}
+    inputs = [i for i in g["inputs"] if i["name"] not in raw]
+    by_input = {i["name"]: i for i in g["inputs"]}
+    for k, _ in kernels:
+        i = by_input[k["inputs"][0]]
+        inputs.append({"name": k["outputs"][0], "shape": i["model_shape"],
+                       "dtype": "uint8" if k["out_dtypes"][0] == "uint8" else "float32"})
+    g["inputs"] = inputs
+    g["kernels"] = [k for k in g["kernels"] if k["name"] not in names]
+    return OmModel(g, om.tensors, om.profile, om.quant, om.meta)
 
 
 def load(path, *, device: str = "npu", engine: str = "fast", threads: int = 0,

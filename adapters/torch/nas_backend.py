@@ -2,9 +2,12 @@
 extraction with BatchNorm recalibration, the user's metric, size/MACs, ONNX export and the
 ``model_arch_result_N.py`` files.
 
-Supernet training is single-path one-shot: every step trains one uniformly sampled path
-(block and width per layer). Under ``torchrun`` every process samples the same path and
-the gradients are averaged over processes (gloo on CPUs, NCCL on GPUs).
+Supernet training is one-shot with strict fairness: every step splits its batch over a
+group of paths in which every block choice of every layer appears once (the first path at
+the widest widths, the second at the narrowest), accumulates their gradients and takes
+one optimizer step (``nas_supernet.Supernet.fair_paths``). Under ``torchrun`` every
+process samples the same paths and the gradients are averaged over processes (gloo on
+CPUs, NCCL on GPUs).
 """
 from __future__ import annotations
 
@@ -184,7 +187,7 @@ class TorchNasBackend:
             self._warm_start(Path(self.cfg.pre_train_dir))
         if ckpt.is_file():
             state = self._load_ckpt(ckpt)
-            net.load_state_dict(state["model"])
+            self._load_model(ckpt, state)
             opt.load_state_dict(state["optimizer"])
             if sched is not None and state.get("scheduler") is not None:
                 sched.load_state_dict(state["scheduler"])
@@ -209,11 +212,11 @@ class TorchNasBackend:
                 for batch in loader:
                     if step >= steps:
                         break
-                    arch = net.sample(rng)
+                    paths = net.fair_paths(rng)
                     if epoch == start_epoch and step < start_step:
                         step += 1  # already trained before the interruption
                         continue
-                    loss = self._train_step(net, opt, batch, arch)
+                    loss = self._train_step(net, opt, batch, paths)
                     if sched is not None:
                         sched.step()
                     step += 1
@@ -251,27 +254,37 @@ class TorchNasBackend:
                     self.log(f"warm start: {len(same)} supernet tensors from {cand}")
                 return
 
-    def _train_step(self, net, opt, batch, arch) -> float:
+    def _train_step(self, net, opt, batch, paths) -> float:
+        """One optimizer step over ``paths``: the batch is split between them (the same
+        compute as one path on the whole batch) and their gradients accumulated, so every
+        block of every layer moves every step."""
         x, y = self._split(batch)
         x, y = x.to(self.device), y.to(self.device)
-        logits = net(x, arch)
-        try:
-            loss = self.um.loss_func(y, logits)
-        except Exception as e:
-            raise _user_error("UserModule.loss_func", e, "computing the loss") from None
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            raise DoptError("UserModule.loss_func must return a scalar tensor",
-                            file="user_module.py", field="UserModule.loss_func",
-                            found=type(loss).__name__)
+        n = len(x)
+        parts = min(len(paths), n)
+        bounds = [n * j // parts for j in range(parts + 1)]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total = 0.0
+        for j in range(parts):
+            lo, hi = bounds[j], bounds[j + 1]
+            logits = net(x[lo:hi], paths[j])
+            try:
+                loss = self.um.loss_func(y[lo:hi], logits)
+            except Exception as e:
+                raise _user_error("UserModule.loss_func", e, "computing the loss") from None
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                raise DoptError("UserModule.loss_func must return a scalar tensor",
+                                file="user_module.py", field="UserModule.loss_func",
+                                found=type(loss).__name__)
+            (loss * ((hi - lo) / n)).backward()
+            total += float(loss.detach()) * (hi - lo) / n
         if self.world > 1:
             for p in net.parameters():
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad)
                     p.grad /= self.world
         opt.step()
-        return float(loss.detach())
+        return total
 
     def _save_ckpt(self, ckpt: Path, net, opt, sched, epoch, step) -> None:
         if self.rank != 0:
@@ -295,7 +308,16 @@ class TorchNasBackend:
         return ckpt.is_file() and int(self._load_ckpt(ckpt)["epoch"]) >= self.cfg.epochs
 
     def load_supernet(self, ckpt: Path) -> None:
-        self.supernet.load_state_dict(self._load_ckpt(ckpt)["model"])
+        self._load_model(ckpt, self._load_ckpt(ckpt))
+
+    def _load_model(self, ckpt: Path, state: dict) -> None:
+        try:
+            self.supernet.load_state_dict(state["model"])
+        except (KeyError, RuntimeError):
+            raise DoptError("the supernet checkpoint does not fit this search space (written "
+                            "by another version of dopt or another skeleton)", file=str(ckpt),
+                            hint="delete it (or pass another --output) to train the supernet "
+                                 "again") from None
 
     # --- candidates -----------------------------------------------------------------------
     def _static(self, arch):

@@ -24,6 +24,14 @@ class ConvBN(nn.Module):
         return torch.relu(y) if self.act else y
 
 
+def _same(block, x, y):
+    """Whether the shortcut is the input itself: fixed when the block is built for one
+    shape (so torch.fx traces it and BatchNorm folds), checked per call in the supernet."""
+    if block.same is not None:
+        return block.same
+    return block.stride == 1 and x.shape[1] == y.shape[1]
+
+
 class PlainConv(nn.Module):
     """kxk convolution."""
     WIDTHS = {"c": "cout"}
@@ -56,6 +64,7 @@ class BasicResidual(nn.Module):
     def __init__(self, cin, hid, cout, k, stride, unit=ConvBN, shared=False):
         super().__init__()
         self.stride = stride
+        self.same = None if shared else stride == 1 and cin == cout
         self.c1 = unit(cin, cout, k, stride)
         self.c2 = unit(cout, cout, k, 1, act=False)
         self.shortcut = unit(cin, cout, 1, stride, act=False) \
@@ -63,8 +72,7 @@ class BasicResidual(nn.Module):
 
     def forward(self, x):
         y = self.c2(self.c1(x))
-        same = self.stride == 1 and x.shape[1] == y.shape[1]
-        return torch.relu(y + (x if same else self.shortcut(x)))
+        return torch.relu(y + (x if _same(self, x, y) else self.shortcut(x)))
 
 
 class Bottleneck(nn.Module):
@@ -74,6 +82,7 @@ class Bottleneck(nn.Module):
     def __init__(self, cin, hid, cout, k, stride, unit=ConvBN, shared=False):
         super().__init__()
         self.stride = stride
+        self.same = None if shared else stride == 1 and cin == cout
         self.a = unit(cin, hid, 1, 1)
         self.b = unit(hid, hid, k, stride)
         self.c = unit(hid, cout, 1, 1, act=False)
@@ -82,8 +91,7 @@ class Bottleneck(nn.Module):
 
     def forward(self, x):
         y = self.c(self.b(self.a(x)))
-        same = self.stride == 1 and x.shape[1] == y.shape[1]
-        return torch.relu(y + (x if same else self.shortcut(x)))
+        return torch.relu(y + (x if _same(self, x, y) else self.shortcut(x)))
 
 
 class InvertedResidual(nn.Module):
@@ -93,13 +101,14 @@ class InvertedResidual(nn.Module):
     def __init__(self, cin, hid, cout, k, stride, unit=ConvBN, shared=False):
         super().__init__()
         self.stride = stride
+        self.same = None if shared else stride == 1 and cin == cout
         self.exp = unit(cin, hid, 1, 1)
         self.dw = unit(hid, hid, k, stride, depthwise=True)
         self.proj = unit(hid, cout, 1, 1, act=False)
 
     def forward(self, x):
         y = self.proj(self.dw(self.exp(x)))
-        return x + y if self.stride == 1 and x.shape[1] == y.shape[1] else y
+        return x + y if _same(self, x, y) else y
 
 
 class Identity(nn.Module):

@@ -1,10 +1,20 @@
 """The weight-sharing supernet of dopt's NASEA space, and sub-net extraction.
 
-Every layer holds one block of each kind at the widest size it can be asked for; a sub-net
+Every layer holds one block per *family* at the widest size it can be asked for; a sub-net
 uses the first ``cin`` input and first ``cout`` output channels of each weight (and the
-same slice of each BatchNorm), so every width of a block trains the same leading channels
-(single-path one-shot with channel slicing). ``extract`` copies those slices into a plain
-``nas_blocks.SearchedNet`` whose state-dict keys are the supernet's.
+same slice of each BatchNorm), so every width trains the same leading channels. Blocks
+that are sub-structures of another share its weights (elastic kernel, expansion and depth,
+as Once-for-All): the four inverted residuals and the depthwise-separable block are one
+family (a 3x3 depthwise kernel is the centre of the 5x5 one, expansion 3 the leading
+hidden channels of expansion 6, ``dwsep`` the expansion-1 member: depthwise on the input,
+then the projection), and the plain 3x3 convolution is the first convolution of the basic
+residual block. A layer trains three sets of weights (inverted-residual, basic,
+bottleneck) instead of eight, and the family members start from each other's features.
+``extract`` copies the slices into a plain ``nas_blocks.SearchedNet``.
+
+Training samples paths with strict fairness (``fair_paths``): each step trains a group of
+paths in which every block choice of every layer appears, the first at the widest widths
+and the second at the narrowest (the sandwich rule), so no block falls behind.
 """
 from __future__ import annotations
 
@@ -25,7 +35,7 @@ class SharedConvBN(ConvBN):
 
     def __init__(self, cin, cout, k, stride=1, depthwise=False, act=True):
         super().__init__(cin, cout, k, stride, depthwise, act)
-        self.active_out = cout
+        self.active_out, self.active_k, self.active_act = cout, k, act
 
     def forward(self, x):
         cin = x.shape[1]
@@ -34,11 +44,32 @@ class SharedConvBN(ConvBN):
             cout, w, groups = cin, conv.weight[:cin], cin
         else:
             cout, w, groups = self.active_out, conv.weight[:self.active_out, :cin], 1
-        y = F.conv2d(x, w, None, conv.stride, conv.padding, 1, groups)
+        k = self.active_k
+        if k != w.shape[-1]:  # elastic kernel: the centre of the widest one
+            o = (w.shape[-1] - k) // 2
+            w = w[:, :, o:o + k, o:o + k]
+        y = F.conv2d(x, w, None, conv.stride, k // 2, 1, groups)
         y = F.batch_norm(y, bn.running_mean[:cout], bn.running_var[:cout], bn.weight[:cout],
                          bn.bias[:cout], self.training or not bn.track_running_stats,
                          bn.momentum if bn.momentum is not None else 0.1, bn.eps)
-        return torch.relu(y) if self.act else y
+        return torch.relu(y) if self.active_act else y
+
+
+#: block kind -> (family block kind, {static unit: family unit}) for blocks that live inside
+#: another block's weights; every other kind is its own family with the same unit names
+MEMBER_OF = {"dwsep": ("ir", {"dw": "dw", "pw": "proj"}),
+             "conv": ("basic", {"c": "c1"})}
+
+
+def group(block: str) -> str:
+    """The supernet block (family) that holds ``block``'s weights."""
+    kind = BLOCKS[block][0]
+    return MEMBER_OF.get(kind, (kind,))[0]
+
+
+def _unit_map(block: str) -> dict:
+    kind = BLOCKS[block][0]
+    return MEMBER_OF[kind][1] if kind in MEMBER_OF else {}
 
 
 def layer_spec(block: str, cin: int, cout: int, stride: int, align: int) -> tuple:
@@ -59,22 +90,35 @@ class Supernet(nn.Module):
         for lay, cap in zip(space.layers, space.cap_in):
             wide = max(lay.widths)
             blocks = nn.ModuleDict()
-            for b in lay.blocks:
+            for g in dict.fromkeys(group(b) for b in lay.blocks):
+                members = [b for b in lay.blocks if group(b) == g]
                 # inner widths grow with cin and cout: the widest covers every sub-net
-                hid = hidden_width(b, cap, wide, space.align) if b != "identity" else 0
-                blocks[b] = make_block(BLOCKS[b][0], cap, hid, wide, BLOCKS[b][1], lay.stride,
-                                       unit=SharedConvBN, shared=True)
+                hid = max(hidden_width(b, cap, wide, space.align) for b in members) \
+                    if g != "identity" else 0
+                hid = max(hid, cap)  # dwsep runs the family's depthwise on the input
+                k = max(BLOCKS[b][1] for b in members)
+                blocks[g] = make_block(g, cap, hid, wide, k, lay.stride, unit=SharedConvBN,
+                                       shared=True)
             self.layers.append(blocks)
 
     def set_arch(self, arch) -> None:
         self._arch = arch
         for blocks, (b, cin, cout, _s) in zip(self.layers, arch):
-            block = blocks[b]
+            block = blocks[group(b)]
             hid = hidden_width(b, cin, cout, self.align)
             for name, which in block.WIDTHS.items():
                 unit = getattr(block, name)
                 if unit is not None:
                     unit.active_out = hid if which == "hid" else cout
+            for unit in block.modules():
+                if isinstance(unit, SharedConvBN):
+                    unit.active_act = unit.act
+                    if unit.conv.kernel_size[0] > 1:
+                        unit.active_k = BLOCKS[b][1]
+            if BLOCKS[b][0] == "dwsep":
+                block.proj.active_out, block.proj.active_act = cout, True
+            elif BLOCKS[b][0] == "conv":
+                block.c1.active_out = cout
 
     def forward(self, x, arch=None):
         if arch is not None:
@@ -82,10 +126,20 @@ class Supernet(nn.Module):
         x = self.pre(x)
         feats = []
         for i, (blocks, (b, *_)) in enumerate(zip(self.layers, self._arch)):
-            x = blocks[b](x)
+            x = self._block(blocks, b, x)
             if self.feature_choose and i in self.feature_choose:
                 feats.append(x)
         return self.post(feats + [x] if self.feature_choose else x)
+
+    @staticmethod
+    def _block(blocks, b, x):
+        kind = BLOCKS[b][0]
+        if kind == "dwsep":  # the inverted-residual family at expansion 1
+            fam = blocks["ir"]
+            return fam.proj(fam.dw(x))
+        if kind == "conv":  # the basic family's first convolution alone
+            return blocks["basic"].c1(x)
+        return blocks[group(b)](x)
 
     def sample(self, rng: random.Random) -> tuple:
         """A uniformly random path: block, then width, per layer."""
@@ -93,6 +147,28 @@ class Supernet(nn.Module):
         for lay in self.space.layers:
             choice.append((rng.choice(lay.blocks), rng.choice(lay.widths)))
         return self.space.decode(choice)
+
+    def fair_paths(self, rng: random.Random) -> list:
+        """Strict fairness (FairNAS) with the sandwich rule for widths: as many paths as the
+        largest layer has blocks, each layer's blocks shuffled over them (layers with fewer
+        blocks draw the rest at random), so every block of every layer is trained every
+        step; the first path takes every layer's widest width, the second the narrowest,
+        the others uniform widths (BigNAS / Once-for-All)."""
+        m = max(len(lay.blocks) for lay in self.space.layers)
+        columns = []
+        for lay in self.space.layers:
+            seq = list(lay.blocks)
+            rng.shuffle(seq)
+            columns.append(seq + [rng.choice(lay.blocks) for _ in range(m - len(seq))])
+        paths = []
+        for j in range(m):
+            choice = []
+            for lay, seq in zip(self.space.layers, columns):
+                w = lay.widths[-1] if j == 0 else lay.widths[0] if j == 1 \
+                    else rng.choice(lay.widths)
+                choice.append((seq[j], w))
+            paths.append(self.space.decode(choice))
+        return paths
 
     def specs(self, arch) -> list:
         return [layer_spec(b, cin, cout, s, self.align) for b, cin, cout, s in arch]
@@ -110,11 +186,21 @@ def extract(supernet: Supernet, arch) -> SearchedNet:
     net = build_static(supernet.space, arch, copy.deepcopy(supernet.pre),
                        copy.deepcopy(supernet.post), supernet.feature_choose)
     for i, (blocks, (b, *_)) in enumerate(zip(supernet.layers, arch)):
-        src = blocks[b].state_dict()
+        src = blocks[group(b)].state_dict()
+        units = _unit_map(b)
         dst = net.backbone.layers[i]
         new = {}
         for k, v in dst.state_dict().items():
-            s = src[k]
-            new[k] = s[tuple(slice(0, n) for n in v.shape)].clone() if v.dim() else s.clone()
+            unit, _, rest = k.partition(".")
+            s = src[f"{units.get(unit, unit)}.{rest}"]
+            if not v.dim():
+                new[k] = s.clone()
+                continue
+            # leading channels; spatial kernel dimensions (conv weights) from the centre
+            idx = [slice(0, n) for n in v.shape]
+            for d in range(2, v.dim()):
+                o = (s.shape[d] - v.shape[d]) // 2
+                idx[d] = slice(o, o + v.shape[d])
+            new[k] = s[tuple(idx)].clone()
         dst.load_state_dict(new)
     return net

@@ -280,9 +280,9 @@ def _validate(path: Path, consts: dict, profile) -> list[dict]:
 
 def _check_consistency(feats: dict, consts: dict, profile) -> None:
     """The vectorised fit must price exactly what dopt.npu.costmodel.estimate prices."""
-    prof = replace(profile, cost_model=dict(profile.cost_model, **consts))
     gi = _grid_index(consts["onchip_buffer_kb"])
-    prof = replace(prof, cost_model=dict(prof.cost_model, onchip_buffer_kb=BUFFER_GRID_KB[gi]))
+    prof = replace(profile, cost_model=dict(profile.cost_model, **dict(
+        consts, onchip_buffer_kb=BUFFER_GRID_KB[gi])))
     for name, f in feats.items():
         for p in PRECISIONS:
             got = estimate(f["graph"], f[p + "_report"], prof)["summary"]["total_ms"]
@@ -311,7 +311,6 @@ def write_constants(fitted: dict, band: dict, result: dict) -> Path:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)
-    load_profile.cache_clear() if hasattr(load_profile, "cache_clear") else None
     load_profile(path)  # validate what was written
     return path
 

@@ -173,7 +173,26 @@ class QuantLinear(_QuantLayer):
         return round_fp16(y) if deploy else y
 
 
-class QuantConv2d(_QuantLayer):
+class _ConvBn:
+    """A Conv2d (``self.layer``) with an optional BatchNorm (``self.bn``) folded into it: what
+    the INT8 and the FP16 convolution wrappers share."""
+
+    def folded(self):
+        w, b = self.layer.weight, self.layer.bias
+        if self.bn is None:
+            return w, b
+        return fold_bn(w, b, self.bn)
+
+    def _float_conv_bn(self, x):
+        """The float layer, BN on its running statistics (nothing updates): calibration."""
+        y = conv2d_as(self.layer, x, self.layer.weight, self.layer.bias)
+        if self.bn is not None:
+            y = F.batch_norm(y, self.bn.running_mean, self.bn.running_var, self.bn.weight,
+                             self.bn.bias, False, 0.0, self.bn.eps)
+        return y
+
+
+class QuantConv2d(_ConvBn, _QuantLayer):
     def __init__(self, layer: nn.Conv2d, act: ActQuantizer, bn: nn.BatchNorm2d | None = None,
                  bn_name: str | None = None):
         super().__init__(layer, act)
@@ -184,20 +203,10 @@ class QuantConv2d(_QuantLayer):
     def _conv(self, x, w, b):
         return conv2d_as(self.layer, x, w, b)
 
-    def folded(self):
-        w, b = self.layer.weight, self.layer.bias
-        if self.bn is None:
-            return w, b
-        return fold_bn(w, b, self.bn)
-
     def forward(self, x):
         if self.calibrating:  # float path; BN uses running statistics, nothing updates
             self.act(x)
-            y = self._conv(x, self.layer.weight, self.layer.bias)
-            if self.bn is not None:
-                y = F.batch_norm(y, self.bn.running_mean, self.bn.running_var, self.bn.weight,
-                                 self.bn.bias, False, 0.0, self.bn.eps)
-            return y
+            return self._float_conv_bn(x)
         deploy = not self.training and _QuantLayer.npu_edges
         x = self.act(round_fp16(x) if deploy else x)
         if self.bn is not None and self.training and not self.freeze_bn_stats:
@@ -212,7 +221,7 @@ class QuantConv2d(_QuantLayer):
         return round_fp16(y) if deploy else y
 
 
-class NpuFp16Conv2d(nn.Module):
+class NpuFp16Conv2d(_ConvBn, nn.Module):
     """A convolution asked for INT8 that the NPU runs in FP16: simulated as that kernel.
 
     Training: FP16 input, FP16 weight and output, straight-through gradients; with a
@@ -236,19 +245,9 @@ class NpuFp16Conv2d(nn.Module):
     def extra_repr(self):
         return self.reason
 
-    def folded(self):
-        w, b = self.layer.weight, self.layer.bias
-        if self.bn is None:
-            return w, b
-        return fold_bn(w, b, self.bn)
-
     def forward(self, x):
         if self.calibrating:
-            y = conv2d_as(self.layer, x, self.layer.weight, self.layer.bias)
-            if self.bn is not None:
-                y = F.batch_norm(y, self.bn.running_mean, self.bn.running_var, self.bn.weight,
-                                 self.bn.bias, False, 0.0, self.bn.eps)
-            return y
+            return self._float_conv_bn(x)
         if not self.training and not _QuantLayer.npu_edges:
             w, b = self.folded()
             return conv2d_as(self.layer, x, w, b)

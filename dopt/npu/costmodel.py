@@ -125,6 +125,8 @@ class _Plan:
         self.extra_in: dict[str, list[str]] = {}   # kernel -> operands its epilogue reads
         self.read_as: dict[str, str] = {}  # tensor a prologue absorbed -> tensor really read
         self.ops = {n.name: n.op for n in graph.nodes}
+        self.order = {n.name: i for i, n in enumerate(graph.nodes)}
+        self._reads: dict[str, list[str]] = {}
         epilogues: dict[str, int] = {}
         for n in graph.nodes:
             row = self.rows.get(n.name, {"outcome": NPU, "findings": []})
@@ -201,8 +203,7 @@ class _Plan:
                 == _elems(self.graph.shapes.get(n.inputs[1])) \
                 == _elems(self.graph.shapes.get(n.outputs[0])):
             # the operand computed last is in the kernel's output stage; the other is read
-            order = {m.name: i for i, m in enumerate(self.graph.nodes)}
-            cands = sorted(((order.get(self.writer.get(t), -1), i, t)
+            cands = sorted(((self.order.get(self.writer.get(t), -1), i, t)
                             for i, t in enumerate(n.inputs)), reverse=True)
             for _, i, t in cands:
                 host = self._mac_host(t, epilogues) if self._sole_use(t, n) else None
@@ -229,13 +230,17 @@ class _Plan:
         return True
 
     def reads(self, n) -> list[str]:
-        """Feature maps kernel ``n`` reads (a prologue's input instead of its output)."""
+        """Feature maps kernel ``n`` reads (a prologue's input instead of its output); the
+        plan is complete when this is first asked, so the answer is kept."""
+        if n.name in self._reads:
+            return self._reads[n.name]
         out = []
         for t in list(n.inputs) + self.extra_in.get(n.name, []):
             if t and t not in self.consts:
                 t = self.read_as.get(t, t)
                 if t not in out:
                     out.append(t)
+        self._reads[n.name] = out
         return out
 
     def fusions(self) -> list[dict]:

@@ -361,3 +361,15 @@ def test_every_estimate_carries_a_band_and_says_estimate():
     assert s["total_text"].endswith("estimate)") and f"{s['total_ms']:.3f} ms" in s["total_text"]
     assert s["total_text"] in render_text(est)
     assert est == _estimate(_residual_block())       # deterministic
+
+
+def test_kernel_fusion_entry_without_ops_names_the_entry(tmp_path):
+    """A kernel fusion rule must say which operators it fuses; the loader names the entry."""
+    raw = json.loads((PROFILES_DIR / "kirin9000.json").read_text(encoding="utf-8"))
+    i = next(i for i, f in enumerate(raw["fusions"]) if f.get("id") == "eltwise_epilogue")
+    del raw["fusions"][i]["ops"]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(raw, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(DoptError) as e:
+        load_profile(path)
+    assert str(path) in str(e.value) and f"field 'fusions[{i}]'" in str(e.value)

@@ -118,3 +118,25 @@ def test_fashion_mnist_aipp_agrees_with_the_float_pipeline(tmp_path):
     res = aipp_demo.run("resnet8", limit=1000, out_dir=tmp_path, quiet=True)
     assert res["input"]["dtype"] == "uint8" and res["input"]["shape"] == [1, 28, 28, 1]
     assert res["agreement"] >= 99.9
+
+
+def test_dopt_run_takes_dynamic_aipp_parameters_from_json(model, tmp_path):
+    """``dopt run --aipp params.json``: the same numbers as ``session.run(..., aipp=...)``."""
+    import json
+    from cli import dopt, one_paragraph_error
+    rc, om = _compile(model, tmp_path, EX_MIXED, "data:1,3,224,224")
+    raw = np.random.default_rng(5).integers(0, 256, (1, 200, 200, 4), dtype=np.uint8)
+    np.save(tmp_path / "raw.npy", raw)
+    params = {"crop_size_w": 90, "crop_size_h": 100, "load_start_pos_h": 7}
+    (tmp_path / "p.json").write_text(json.dumps(params))
+    r = dopt("run", "--om", str(om), "--input", str(tmp_path / "raw.npy"), "--aipp",
+             str(tmp_path / "p.json"), "--output", str(tmp_path / "o.npz"))
+    assert r.returncode == 0, r.stderr
+    want = runtime.load(om).run(raw, aipp=params)["z"]
+    assert np.array_equal(np.load(tmp_path / "o.npz")["z"], want)
+    (tmp_path / "p.json").write_text(json.dumps({"crop_size_w": 500, "crop_size_h": 100}))
+    one_paragraph_error(dopt("run", "--om", str(om), "--input", str(tmp_path / "raw.npy"),
+                             "--aipp", str(tmp_path / "p.json")), "crop_size_w")
+    (tmp_path / "p.json").write_text("[1, 2]")
+    one_paragraph_error(dopt("run", "--om", str(om), "--input", str(tmp_path / "raw.npy"),
+                             "--aipp", str(tmp_path / "p.json")), "--aipp", "one JSON object")

@@ -81,6 +81,24 @@ def _load_array(spec: str, default_name: str | None) -> tuple[str, object]:
     return name, arr
 
 
+def _aipp_params(path: str) -> dict:
+    """``dopt run --aipp params.json``: a dynamic AIPP's run-time parameters, the config's
+    field names (``{"crop_size_w": 100, ...}``, or ``{kernel: {...}}`` for several)."""
+    from ..formats.fileio import existing_file
+    p = existing_file(path, field="--aipp", max_bytes=1 << 20, what="AIPP parameter file")
+    try:
+        doc = json.loads(p.read_text("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DoptError(f"the AIPP parameter file is not valid JSON ({e})", file=path,
+                        field="--aipp", expected='an object such as {"crop_size_w": 100}') \
+            from None
+    if not isinstance(doc, dict):
+        raise DoptError("the AIPP parameter file must hold one JSON object", file=path,
+                        field="--aipp", expected='{"crop_size_w": 100, ...}',
+                        found=type(doc).__name__)
+    return doc
+
+
 def _run(a):
     import numpy as np
     from .. import runtime
@@ -95,6 +113,9 @@ def _run(a):
         if sess.estimate:
             print(render_text(sess.estimate))
         print("placement: " + ", ".join(f"{k} {v}" for k, v in sess.om.meta["summary"].items()))
+        for g in sess.gears:
+            print(f"gear {g['index']} dims {g['dims']}: inputs {g['shapes']}, estimated "
+                  f"{g['estimate'].get('total_text', '-')}")
     if a.verify:
         from ..runtime.verify import kernel_agreement
         small = {k: v[:8] for k, v in sess.prepare_feeds(feeds).items()}
@@ -108,7 +129,7 @@ def _run(a):
                             + ", ".join(r["kernel"] for r in bad[:10]), field="--verify")
     if not feeds:
         return 0
-    outs = sess.run(feeds)
+    outs = sess.run(feeds, aipp=_aipp_params(a.aipp) if a.aipp else None)
     for k, v in outs.items():
         print(f"{k}: shape {list(v.shape)} dtype {v.dtype}")
     bad = [k for k, v in outs.items() if np.issubdtype(v.dtype, np.floating)
@@ -172,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", help="write the outputs to this .npz")
     s.add_argument("--device", choices=("npu", "cpu"), default="npu")
     s.add_argument("--engine", choices=("fast", "reference"), default="fast")
+    s.add_argument("--aipp", metavar="PARAMS_JSON",
+                   help="run-time parameters of a dynamic AIPP (JSON object, config field names)")
     s.add_argument("--report", action="store_true",
                    help="print the placement and the per-layer performance estimate")
     s.add_argument("--verify", action="store_true",

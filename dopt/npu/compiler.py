@@ -373,7 +373,10 @@ def compile_onnx(model, profile: HardwareProfile, *, params: dict | None = None,
         "inputs": [{"name": i.name, "shape": list(g.shapes.get(i.name, ())),
                     "dtype": _np_dtype(i.type.tensor_type.elem_type)}
                    for i in m.graph.input if i.name not in inits],
-        "outputs": [{"name": o.name} for o in m.graph.output],
+        "outputs": [{"name": o.name, "shape": list(g.shapes.get(o.name, ())),
+                     "dtype": _np_dtype(o.type.tensor_type.elem_type)
+                     if o.type.tensor_type.elem_type else "float32"}
+                    for o in m.graph.output],
         "kernels": kernels,
         "partitions": _partitions(kernels),
     }

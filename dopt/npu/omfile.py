@@ -39,6 +39,7 @@ MAX_MANIFEST = 64 << 20
 MAX_FILE = 8 << 30
 MAX_TENSORS = 1 << 20
 MAX_RANK = 8
+MAX_GEARS = 16   # --dynamic_dims
 DTYPES = {"float16": np.float16, "float32": np.float32, "int8": np.int8, "uint8": np.uint8,
           "int32": np.int32, "int64": np.int64, "bool": np.bool_,
           "float64": np.float64}
@@ -185,6 +186,18 @@ def check_graph(model: OmModel, path=None) -> None:
     g = model.graph
     def bad(what, fld):
         return _bad(path or "<memory>", what, field=fld)
+    dyn = g.get("dynamic")
+    if dyn is not None:
+        gears = dyn.get("gears") if isinstance(dyn, dict) else None
+        if not isinstance(gears, list) or not 1 <= len(gears) <= MAX_GEARS or not all(
+                isinstance(x, dict) and isinstance(x.get("shapes"), dict)
+                and isinstance(x.get("graph"), (dict, type(None))) for x in gears):
+            raise bad(f"graph.dynamic must hold 1 to {MAX_GEARS} gears with their shapes",
+                      "graph.dynamic")
+        for i, x in enumerate(gears[1:], 1):
+            if x["graph"] is None:
+                raise bad(f"gear {i} has no graph", f"graph.dynamic.gears[{i}]")
+            check_graph(OmModel({**x["graph"], "dynamic": None}, model.tensors), path)
     for key, typ in (("inputs", list), ("outputs", list), ("kernels", list), ("opset", int)):
         if not isinstance(g.get(key), typ):
             raise bad(f"graph.{key} missing or of the wrong type", f"graph.{key}")

@@ -14,6 +14,8 @@ from ..formats.strategy_config import parse_input_shape
 from ..errors import DoptError
 from ..formats.fileio import existing_file, write_json_atomic
 from ..formats.qdq import load_model
+from .gears import check_aipp as check_gears_aipp, log_lines, merge as merge_gears
+from .gears import parse as parse_gears
 from .rules import CPU
 
 FRAMEWORKS = {0: "Caffe", 3: "TensorFlow", 5: "ONNX", 6: "MindSpore"}
@@ -33,15 +35,19 @@ def build_parser(prog="dopt omg") -> argparse.ArgumentParser:
     ap.add_argument("--json", help="JSON output path for --mode 1")
     ap.add_argument("--input_shape", help="'name:n,c,h,w;name2:...'")
     ap.add_argument("--input_format", choices=("NCHW", "NHWC"))
-    ap.add_argument("--input_type")
-    ap.add_argument("--output_type")
+    ap.add_argument("--input_type", help="'name:FP16;name2:UINT8' (the reference's tables, "
+                    "docs/omg.md)")
+    ap.add_argument("--output_type", help="'name:FP16;name2:UINT8'")
+    ap.add_argument("--input_fp16_nodes", help="'node1;node2' (no effect for ONNX)")
+    ap.add_argument("--is_output_fp16", help="'false,true,...' (no effect for ONNX)")
     ap.add_argument("--out_nodes")
     ap.add_argument("--check_report", help="pre-check report path (JSON)")
     ap.add_argument("--insert_op_conf", help="AIPP config file (docs/omg.md)")
     ap.add_argument("--op_name_map")
     ap.add_argument("--compress_conf", help="quantization parameter file from dopt")
     ap.add_argument("--weight_data_type", choices=("FP16", "FP32"), default="FP16")
-    ap.add_argument("--dynamic_dims")
+    ap.add_argument("--dynamic_dims", help="gears for the -1 dims of --input_shape: '1;2;4' "
+                    "or 'h1,w1;h2,w2' (at most 16)")
     ap.add_argument("--target", choices=("om", "omc"), default="om")
     ap.add_argument("--platform")
     ap.add_argument("--profile", default="kirin9000", help="hardware profile (dopt addition)")
@@ -107,26 +113,102 @@ def run_precheck(a) -> int:
     _check_framework(a)
     if not a.model:
         raise DoptError("--model is required", field="--model")
-    shapes = parse_input_shape(a.input_shape, source="--input_shape") if a.input_shape else None
+    shapes = parse_input_shape(a.input_shape, source="--input_shape", allow_dynamic=True) \
+        if a.input_shape else None
+    dyn = parse_gears(a.dynamic_dims, shapes, input_format=a.input_format)
+    specs = _aipp_specs(a)
     doc = P.read_params(a.compress_conf) if a.compress_conf else None
     model, doc, shapes, out_nodes = _load_source(a, shapes, doc)
     profile = load_profile(a.profile)
-    _m, g, report = analyze(model, profile, params=doc, params_file=a.compress_conf,
-                            input_shapes=shapes, out_nodes=out_nodes,
-                            source=a.model)   # the graph --mode 0 compiles
+    if dyn or specs:   # the compile path: AIPP rows and one estimate per gear
+        om, report = _compile(a, model, profile, doc, shapes, out_nodes, specs, dyn, None)
+        est = om.meta["estimate"]
+    else:
+        _m, g, report = analyze(model, profile, params=doc, params_file=a.compress_conf,
+                                input_shapes=shapes, out_nodes=out_nodes,
+                                source=a.model)   # the graph --mode 0 compiles
+        est = estimate(g, report, profile)
+        om = None
     if report["fp16_range"]:
         _warn_fp16(report)
     report["model"] = a.model
-    est = estimate(g, report, profile)
     report["estimate"] = {"label": est["label"], "summary": est["summary"]}
     dest = a.check_report or "check_report.json"
     write_json_atomic(dest, report)
     print(render_text(report))
     print(f"\nestimated NPU latency: {est['summary']['total_text']}; {est['label']}")
+    if om is not None:
+        for line in log_lines(om):
+            print(line)
     print(f"\ncheck report: {dest}")
     if a.strict and report["summary"][CPU]:
         _refuse_fallback(report)
     return 0
+
+
+def _aipp_specs(a):
+    if not a.insert_op_conf:   # checked before the (slower) model load
+        return None
+    from .aipp_config import parse_file
+    return parse_file(a.insert_op_conf)
+
+
+def _onnx_shapes(shapes, model):
+    """``--input_shape`` names onto the ONNX graph's inputs (a TensorFlow model converted by
+    tf2onnx names its inputs ``name:0``)."""
+    if not shapes:
+        return shapes
+    names = {i.name for i in model.graph.input}
+    return {(n if n in names or f"{n}:0" not in names else f"{n}:0"): d
+            for n, d in shapes.items()}
+
+
+def _compile(a, model, profile, doc, shapes, out_nodes, specs, dyn, op_map):
+    """``(om, report)``: one static build, or one build per ``--dynamic_dims`` gear merged
+    into one ``.om`` (the report is gear 0's, with every gear's summary under ``gears``)."""
+    from .compiler import compile_onnx
+
+    def build(input_shapes):
+        return compile_onnx(model, profile, params=doc, params_file=a.compress_conf,
+                            input_shapes=input_shapes, out_nodes=out_nodes,
+                            weight_data_type=a.weight_data_type, op_name_map=op_map,
+                            source=a.model, aipp=specs, aipp_file=a.insert_op_conf)
+    if not dyn:
+        return build(shapes)
+    check_gears_aipp(dyn, specs, [i.name for i in model.graph.input])
+    builds = []
+    for gear in dyn["gears"]:
+        print(f"compiling gear {len(builds) + 1}/{len(dyn['gears'])}: "
+              + "; ".join(f"{n}:{','.join(map(str, d))}" for n, d in gear["shapes"].items()),
+              flush=True)
+        builds.append(build(_onnx_shapes({n: tuple(d) for n, d in gear["shapes"].items()},
+                                         model)))
+    om = merge_gears(dyn, builds)
+    report = builds[0][1]
+    report["gears"] = [{"dims": x["dims"], "shapes": x["shapes"], "summary": x["summary"],
+                        "estimate": x["estimate"], "outputs": x["outputs"]}
+                       for x in om.graph["dynamic"]["gears"]]
+    return om, report
+
+
+def _io_types(a):
+    """``--input_type`` / ``--output_type`` parsed (syntax only: names and tables are checked
+    against the compiled graph)."""
+    from .iotypes import parse_types
+    return (parse_types(a.input_type, flag="--input_type") if a.input_type else None,
+            parse_types(a.output_type, flag="--output_type") if a.output_type else None)
+
+
+def _apply_io_types(a, om, types) -> None:
+    """Declare the offline model's input/output data types (the reference's three tables);
+    ``--input_fp16_nodes`` / ``--is_output_fp16`` take effect for TensorFlow only."""
+    from .iotypes import apply, legacy_flags
+    in_t, out_t, notes = legacy_flags(a.input_fp16_nodes, a.is_output_fp16,
+                                      framework=a.framework, input_type=types[0],
+                                      output_type=types[1],
+                                      outputs=[o["name"] for o in om.graph["outputs"]])
+    for line in notes + apply(om, in_t, out_t, file=a.model):
+        print(line)
 
 
 def _om_path(output: str) -> str:
@@ -135,7 +217,7 @@ def _om_path(output: str) -> str:
 
 def run_compile(a) -> int:
     from . import omfile
-    from .compiler import compile_onnx, parse_op_name_map
+    from .compiler import parse_op_name_map
     from .precheck import render_text
     from .profile import load_profile
     from ..formats import param_file as P
@@ -144,11 +226,6 @@ def run_compile(a) -> int:
     for flag in ("model", "output"):
         if not getattr(a, flag):
             raise DoptError(f"--{flag} is required with --mode 0", field=f"--{flag}")
-    for flag in ("dynamic_dims",):
-        if getattr(a, flag):
-            raise DoptError(f"--{flag} is not available in this version of the emulated "
-                            f"compiler", field=f"--{flag}",
-                            hint="compile without it; see docs/omg.md for what is supported")
     if a.target != "om":
         raise DoptError("only --target om is produced by the emulated compiler",
                         field="--target", expected="om", found=a.target)
@@ -156,23 +233,22 @@ def run_compile(a) -> int:
     profile = load_profile(a.profile)
     shapes = parse_input_shape(a.input_shape, source="--input_shape", allow_dynamic=True) \
         if a.input_shape else None
-    specs = None
-    if a.insert_op_conf:   # checked before the (slower) model load
-        from .aipp_config import parse_file
-        specs = parse_file(a.insert_op_conf)
+    dyn = parse_gears(a.dynamic_dims, shapes, input_format=a.input_format)
+    specs = _aipp_specs(a)
+    types = _io_types(a)   # checked before the (slower) model load
     doc = P.read_params(a.compress_conf) if a.compress_conf else None
     model, doc, shapes, out_nodes = _load_source(a, shapes, doc)
     op_map = parse_op_name_map(a.op_name_map, profile) if a.op_name_map else None
-    om, report = compile_onnx(model, profile, params=doc, params_file=a.compress_conf,
-                              input_shapes=shapes, out_nodes=out_nodes,
-                              weight_data_type=a.weight_data_type, op_name_map=op_map,
-                              source=a.model, aipp=specs, aipp_file=a.insert_op_conf)
+    om, report = _compile(a, model, profile, doc, shapes, out_nodes, specs, dyn, op_map)
+    _apply_io_types(a, om, types)
     report["model"] = a.model
     if a.strict and report["summary"][CPU]:
         _refuse_fallback(report)
     print(render_text(report))
     if report["fp16_range"]:
         _warn_fp16(report)
+    for line in log_lines(om):
+        print(line)
     omfile.write_om(dest, om)
     if a.check_report:
         write_json_atomic(a.check_report, report)

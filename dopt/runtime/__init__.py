@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import DoptError
+from ..npu.iotypes import check_input, convert_output
 from ..npu.omfile import OmModel, check_graph, read_om
 from .fast import FastEngine
 from .reference import FLOAT_DTYPES, ReferenceEngine
@@ -41,7 +42,16 @@ class Session:
                             found=repr(engine))
         check_graph(om, path)
         self.om, self.device, self.engine_name, self.path = om, device, engine, path
+        self._threads = threads
         self._per_sample = False
+        self._gears: list[OmModel] | None = None
+        if om.graph.get("dynamic"):   # --dynamic_dims: one session per gear, made when used
+            from ..npu.gears import gear_graphs
+            self._gears = [OmModel(g, om.tensors, om.profile, om.quant, om.meta)
+                           for g in gear_graphs(om.graph)]
+            self._gear_sessions: dict[int, Session] = {}
+            self._aipp = _aipp_kernels(om)
+            return
         if device == "cpu":
             half = sorted(n for n, t in om.tensors.items() if t.dtype == np.float16)
             if half:
@@ -56,7 +66,42 @@ class Session:
 
     @property
     def inputs(self) -> list[dict]:
-        return self.om.graph["inputs"]
+        """The inputs; with gears, a dim that differs between gears reads ``-1``."""
+        if not self._gears:
+            return self.om.graph["inputs"]
+        out = []
+        for i, first in enumerate(self._gears[0].graph["inputs"]):
+            shapes = [g.graph["inputs"][i]["shape"] for g in self._gears]
+            out.append({**first, "shape": [d if all(s[j] == d for s in shapes) else -1
+                                           for j, d in enumerate(first["shape"])]})
+        return out
+
+    @property
+    def gears(self) -> list[dict]:
+        """``--dynamic_dims`` gears: index, dims, input shapes, output shapes, estimate."""
+        dyn = self.om.graph.get("dynamic")
+        return [{k: x[k] for k in ("index", "dims", "shapes", "outputs", "estimate")}
+                for x in dyn["gears"]] if dyn else []
+
+    def _gear(self, feeds) -> Session:
+        """The session of the gear whose input shapes equal the fed arrays' shapes."""
+        if not isinstance(feeds, dict):
+            feeds = {self.inputs[0]["name"]: feeds}
+        got = {k: list(np.shape(v)) for k, v in feeds.items()}
+        for idx, g in enumerate(self._gears):
+            if all(got.get(i["name"]) == list(i["shape"]) for i in g.graph["inputs"]):
+                if idx not in self._gear_sessions:
+                    self._gear_sessions[idx] = Session(g, device=self.device,
+                                                       engine=self.engine_name, path=self.path,
+                                                       threads=self._threads)
+                return self._gear_sessions[idx]
+        gears = "; ".join("[" + ", ".join(f"{i['name']}: {i['shape']}"
+                                          for i in g.graph["inputs"]) + "]"
+                          for g in self._gears)
+        raise DoptError(f"no gear of the model takes inputs of shape {got}", file=self.path,
+                        field="feeds", expected=f"one of the compiled gears: {gears}",
+                        hint="pad or split the batch / resize to a gear, or recompile with that "
+                             "shape in --dynamic_dims")
 
     @property
     def outputs(self) -> list[str]:
@@ -72,6 +117,8 @@ class Session:
 
     def prepare_feeds(self, feeds) -> dict:
         """Checked and converted inputs: names, shape (any batch), dtype."""
+        if self._gears:
+            return self._gear(feeds).prepare_feeds(feeds)
         if not isinstance(feeds, dict):
             if len(self.inputs) != 1:
                 raise DoptError(f"the model has {len(self.inputs)} inputs: pass a dict",
@@ -86,7 +133,7 @@ class Session:
                             expected=", ".join(sorted(names)))
         out = {}
         for i in self.inputs:
-            a = np.asarray(feeds[i["name"]])
+            a = check_input(i, np.asarray(feeds[i["name"]]), path=self.path)
             want = i["shape"]
             if i.get("aipp"):
                 if a.dtype != np.uint8 or a.ndim < 2:
@@ -117,9 +164,19 @@ class Session:
         ``batch * windows``) cannot take N at once: then the samples run one by one, and the
         session remembers it. ``aipp``: run-time parameters of a dynamic AIPP (the config's
         field names); for a model with several AIPP kernels, ``{kernel name: {...}}``."""
+        if self._gears:
+            return self._gear(feeds).run(feeds, aipp=aipp)
         feeds = self.prepare_feeds(feeds)
         if self._aipp or aipp:
             feeds = self._run_aipp(feeds, aipp)
+        outs = self._run_batch(feeds)
+        if any("io_type" in o for o in self.om.graph["outputs"]):   # --output_type
+            by_name = {o["name"]: o for o in self.om.graph["outputs"]}
+            outs = {k: convert_output(by_name[k], v, path=self.path) if k in by_name else v
+                    for k, v in outs.items()}
+        return outs
+
+    def _run_batch(self, feeds: dict) -> dict[str, np.ndarray]:
         sizes = {len(v) for v in feeds.values() if np.ndim(v)}
         size = sizes.pop() if len(sizes) == 1 else 1
         if size == 1:
@@ -190,10 +247,30 @@ class Session:
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def predict(self, x, batch_size: int = 256) -> np.ndarray:
-        """First output for a large single-input array, evaluated in batches."""
+        """First output for a large single-input array, evaluated in batches (with a dynamic
+        batch, in the largest gears that fit)."""
         name = self.outputs[0]
-        chunks = [self.run(x[i:i + batch_size])[name] for i in range(0, len(x), batch_size)]
+        sizes = self._batch_gears()
+        if sizes:
+            chunks, i = [], 0
+            while i < len(x):
+                n = next((b for b in sizes if b <= len(x) - i), None)
+                if n is None:
+                    raise DoptError(f"{len(x) - i} sample(s) left that no batch gear "
+                                    f"({', '.join(map(str, sizes))}) takes", file=self.path,
+                                    field="x", hint="compile a gear of batch 1 as well, or pad")
+                chunks.append(self.run(x[i:i + n])[name])
+                i += n
+        else:
+            chunks = [self.run(x[i:i + batch_size])[name]
+                      for i in range(0, len(x), batch_size)]
         return np.concatenate(chunks) if chunks else np.empty((0,))
+
+    def _batch_gears(self) -> list[int]:
+        dyn = self.om.graph.get("dynamic")
+        if not dyn or dyn["kind"] != "batch":
+            return []
+        return sorted({x["dims"][0] for x in dyn["gears"]}, reverse=True)
 
 
 def _aipp_kernels(om: OmModel) -> list:

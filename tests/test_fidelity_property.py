@@ -690,9 +690,13 @@ def test_regression_dopt_so_reference_has_the_npu_data_types(spec, int8_bits, tm
     """Shrunk from the slow profile: against the float32 QDQ file the ``.om`` disagreed on
     1.2 % / 0.2 % of top-1 decisions (logits squashed by sigmoid and tanh sit close; FP16
     between the layers moves them). Against the QDQ file with the NPU's data types
-    (``qdq_with_npu_fp16``) the ``.om`` is bit-identical."""
+    (``qdq_with_npu_fp16``) every decision agrees and nearly every sample is bit-identical:
+    not all, because an FP16 convolution's accumulation order is not specified (the 1-ULP
+    bound of docs/numerics.md) and ONNX Runtime picks its convolution kernels by CPU, so on
+    some machines one FP16 step moves an INT8 input across a quantization step (seen: 2 of
+    512 samples, logits 0.5 % apart, on one of the machines the suite runs on)."""
     r = run_so_case(spec, int8_bits, tmp_path)
-    assert r["exact"] == 1.0 and r["disagreements"] == 0
+    assert r["disagreements"] == 0 and r["exact"] >= 0.99 and r["max_rel_diff"] < 0.02
 
 
 # ---- the reference's recipe on the shipped Fashion-MNIST networks ------------------------

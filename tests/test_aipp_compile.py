@@ -140,3 +140,18 @@ def test_dopt_run_takes_dynamic_aipp_parameters_from_json(model, tmp_path):
     (tmp_path / "p.json").write_text("[1, 2]")
     one_paragraph_error(dopt("run", "--om", str(om), "--input", str(tmp_path / "raw.npy"),
                              "--aipp", str(tmp_path / "p.json")), "--aipp", "one JSON object")
+
+
+def test_precheck_mode_includes_aipp(model, tmp_path, capsys):
+    """``--mode 3 --insert_op_conf``: the report and the estimate hold the Aipp kernel."""
+    import json
+    cfg = tmp_path / "s.cfg"
+    cfg.write_text(EX_STATIC)
+    assert omg.main(["--mode", "3", "--framework", "5", "--model", str(model), "--input_shape",
+                     "data:1,3,224,224", "--insert_op_conf", str(cfg), "--check_report",
+                     str(tmp_path / "r.json")]) == 0
+    assert "| Aipp | 1 | npu |" in capsys.readouterr().out
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["aipp"][0]["mode"] == "static" and rep["aipp"][0]["output_hw"] == [224, 224]
+    assert rep["nodes"][0]["onnx_op"] == "Aipp"
+    assert not (tmp_path / "m.om").exists()

@@ -54,9 +54,8 @@ class _FakeQuantAct(torch.autograd.Function):
         # (q_clamped - o) = x~/s outside; dx~/do = -s outside. Summed against g:
         #   s * dL/ds = <g, x~> - <g_x, x>,   dL/do = -s * (sum g - sum g_x)
         gx = torch.where(inside, g, 0.0)
-        g1, gx1 = g.reshape(-1), gx.reshape(-1)
-        gs = (float(torch.dot(g1, out.reshape(-1))) - float(torch.dot(gx1, x.reshape(-1)))) / s
-        go = -s * (float(g1.sum()) - float(gx1.sum()))
+        gs = (_dot(g, out) - _dot(gx, x)) / s
+        go = -s * (float(g.sum()) - float(gx.sum()))
         # chain to lo/hi: s = (hi' - lo') / 255, o = clamp(rint(-128 - lo'/s)) with a
         # straight-through rint; lo' = min(lo, 0), hi' = max(hi, 0)
         lo_c = min(lo, 0.0)
@@ -75,6 +74,26 @@ class _FakeQuantAct(torch.autograd.Function):
         return (gx if ctx.needs_input_grad[0] else None,
                 torch.tensor(g_lo, dtype=torch.float32, device=dev),
                 torch.tensor(g_hi, dtype=torch.float32, device=dev))
+
+
+def _dense_1d(t):
+    """``t`` as a 1-D view of its storage when it is dense in any memory format (the order
+    of the elements then follows the strides), else None."""
+    n = t.numel()
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t.as_strided((n,), (1,))
+    return None
+
+
+def _dot(a, b) -> float:
+    """``sum(a * b)`` without copying either tensor: a 1-D dot product over the storage when
+    both are dense with the same strides (a channels-last gradient against a channels-last
+    input, as oneDNN's depthwise backward gives), else one fused multiply-reduce."""
+    if a.stride() == b.stride():
+        a1, b1 = _dense_1d(a), _dense_1d(b)
+        if a1 is not None and b1 is not None:
+            return float(torch.dot(a1, b1))
+    return float(torch.sum(a * b))
 
 
 def fake_quant_activation(x, lo, hi):

@@ -10,6 +10,8 @@ weights are cast (FP16) or quantized (INT8).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from ..quant import numerics as nm
@@ -33,15 +35,36 @@ def _np_dtype(elem_type: int) -> str:
     return str(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)))
 
 
+class _Initializers(Mapping):
+    """The model's initializers as NumPy arrays, converted when read and not kept: the
+    builder casts each weight once (to FP16 or INT8), so holding a float32 copy of every
+    weight beside the model would double the compiler's peak memory for nothing."""
+
+    def __init__(self, model):
+        self._protos = {i.name: i for i in model.graph.initializer}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        from onnx import numpy_helper
+        return numpy_helper.to_array(self._protos[name])
+
+    def __contains__(self, name) -> bool:
+        return name in self._protos
+
+    def __iter__(self):
+        return iter(self._protos)
+
+    def __len__(self) -> int:
+        return len(self._protos)
+
+
 class _Builder:
     def __init__(self, model, g: IRGraph, report: dict, profile: HardwareProfile,
                  params: dict | None, weight_dtype: str):
-        from onnx import numpy_helper
         self.g, self.profile = g, profile
         self.params = params or {}
         self.wdt = np.float16 if weight_dtype == "FP16" else np.float32
         self.outcome = {x["node"]: x for x in report["nodes"]}
-        self.inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        self.inits = _Initializers(model)
         self.onnx_nodes = {n.name: n for n in model.graph.node}
         self.dtypes = {}
         for vi in list(model.graph.value_info) + list(model.graph.input) + \
@@ -330,13 +353,15 @@ def check_params_against_model(doc: dict, model, file: str) -> None:
 def analyze(model, profile: HardwareProfile, *, params: dict | None = None,
             params_file: str | None = None, input_shapes=None, out_nodes=None,
             op_name_map: dict | None = None, source: str | None = None,
-            fp16_check: bool = True, samples: dict | None = None):
+            fp16_check: bool = True, samples: dict | None = None, consume: bool = False):
     """Prepare, lower and pre-check ``model`` as the compiler sees it: ``(prepared ONNX,
     IR graph, report)``. ``dopt omg --mode 3`` and ``--mode 0`` share it, so the report
     describes the graph that is compiled (constants folded, shape arithmetic gone).
     ``fp16_check``: measure kernel outputs on ``samples`` (or seeded random inputs) for the
-    FP16 range rule."""
-    m = prepare(model, input_shapes=input_shapes, out_nodes=out_nodes, file=source)
+    FP16 range rule. ``consume=True``: ``model`` is handed over and prepared in place (no
+    copy of the weights)."""
+    m = prepare(model, input_shapes=input_shapes, out_nodes=out_nodes, file=source,
+                consume=consume)
     if params is not None:
         check_params_against_model(params, m, params_file)
     layers = set(params["layers"]) if params else set()
@@ -358,13 +383,14 @@ def compile_onnx(model, profile: HardwareProfile, *, params: dict | None = None,
                  params_file: str | None = None, input_shapes=None, out_nodes=None,
                  weight_data_type: str = "FP16", op_name_map: dict | None = None,
                  source: str | None = None, aipp: list | None = None,
-                 aipp_file: str | None = None) -> tuple[OmModel, dict]:
+                 aipp_file: str | None = None, consume: bool = False) -> tuple[OmModel, dict]:
     """Returns the compiled model and the pre-check report it was built from.
     ``aipp``: checked ``aipp_op`` specs (``aipp_config.parse_file``), put first on their
-    inputs by ``aipp_graph.insert``."""
+    inputs by ``aipp_graph.insert``. ``consume=True``: ``model`` is handed over (see
+    ``analyze``)."""
     m, g, report = analyze(model, profile, params=params, params_file=params_file,
                            input_shapes=input_shapes, out_nodes=out_nodes,
-                           op_name_map=op_name_map, source=source)
+                           op_name_map=op_name_map, source=source, consume=consume)
     layers = params["layers"] if params else {}
     kernels, tensors = _Builder(m, g, report, profile, layers, weight_data_type).build()
     inits = {i.name for i in m.graph.initializer}

@@ -114,9 +114,9 @@ def _conv_attrs(node, shapes, inits) -> dict:
 
 def lower_onnx(model, input_shapes: dict | None = None) -> IRGraph:
     """Lower an ``onnx.ModelProto``; ``input_shapes`` overrides graph input dims first."""
-    onnx = require_onnx()
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    from .prepare import skeleton
+    require_onnx()
+    m = skeleton(model)   # structure only: input dims change below, weights are not read
     inits = {i.name for i in m.graph.initializer}
     graph_inputs = [i.name for i in m.graph.input if i.name not in inits]
     for name, dims in (input_shapes or {}).items():
@@ -133,7 +133,7 @@ def lower_onnx(model, input_shapes: dict | None = None) -> IRGraph:
             if v > 0:
                 d.dim_value = v
     try:
-        m = onnx.shape_inference.infer_shapes(m, strict_mode=False)
+        m = require_onnx().shape_inference.infer_shapes(m, strict_mode=False)
     except Exception:  # noqa: BLE001 - shapes are advisory; rules say when one is unknown
         pass
     shapes = _shape_map(m)

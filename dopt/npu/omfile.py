@@ -61,34 +61,53 @@ def _bad(path, what, *, field=None, expected=None, found=None):
                           "tampered with")
 
 
+def _tensor_bytes(a: np.ndarray) -> memoryview:
+    """The tensor's bytes in C order, without a copy when it is contiguous already."""
+    if a.ndim and a.size:
+        return memoryview(np.ascontiguousarray(a)).cast("B")
+    return memoryview(a.tobytes())   # 0-d or empty: small
+
+
 def write_om(path, model: OmModel) -> None:
-    entries, chunks, offset = [], [], 0
+    """Written in one pass over the tensors, hashed in another, nothing concatenated: the
+    weights are never held twice (a joined payload and the hash input each cost the model's
+    size again)."""
+    entries, offset = [], 0
+    arrays = []
     for name, arr in model.tensors.items():
         a = np.asarray(arr, order="C")   # keeps 0-d (ascontiguousarray makes it 1-d)
         dt = str(a.dtype)
         if dt not in DTYPES:
             raise DoptError(f"tensor '{name}' has dtype {dt}, which .om files do not hold",
                             expected=", ".join(DTYPES))
-        pad = (-offset) % ALIGN
-        if pad:
-            chunks.append(b"\x00" * pad)
-            offset += pad
-        data = a.tobytes()
+        offset += (-offset) % ALIGN
+        nbytes = a.size * a.itemsize
         entries.append({"name": name, "dtype": dt, "shape": list(a.shape), "offset": offset,
-                        "nbytes": len(data)})
-        chunks.append(data)
-        offset += len(data)
+                        "nbytes": nbytes})
+        arrays.append(a)
+        offset += nbytes
     manifest = json.dumps({"format_version": FORMAT_VERSION, "profile": model.profile,
                            "graph": model.graph, "quant": model.quant, "meta": model.meta,
                            "tensors": entries}, ensure_ascii=False,
                           separators=(",", ":")).encode("utf-8")
-    payload = b"".join(chunks)
-    digest = hashlib.sha256(manifest + payload).digest()
+
+    def payload():
+        """``(bytes)`` chunks of the payload in order: padding, then each tensor."""
+        at = 0
+        for e, a in zip(entries, arrays):
+            if e["offset"] > at:
+                yield b"\x00" * (e["offset"] - at)
+            yield _tensor_bytes(a)
+            at = e["offset"] + e["nbytes"]
+    h = hashlib.sha256(manifest)
+    for chunk in payload():
+        h.update(chunk)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            f.write(HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(manifest), len(payload), digest))
+            f.write(HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(manifest), offset, h.digest()))
             f.write(manifest)
-            f.write(payload)
+            for chunk in payload():
+                f.write(chunk)
 
 
 def read_om(path) -> OmModel:
@@ -117,8 +136,12 @@ def read_om(path) -> OmModel:
             raise _bad(path, "payload length does not match the file size (offset 24)",
                        expected=str(size - HEADER.size - mlen), found=str(plen))
         manifest_bytes = f.read(mlen)
-        payload = f.read(plen)
-    if hashlib.sha256(manifest_bytes + payload).digest() != digest:
+        payload = bytearray(plen)          # the tensors are views into it: read once, no copy
+        if f.readinto(payload) != plen:
+            raise _bad(path, "truncated payload", found=f"{size} bytes")
+    h = hashlib.sha256(manifest_bytes)
+    h.update(payload)
+    if h.digest() != digest:
         raise _bad(path, "checksum mismatch (offset 32): the file was modified or truncated")
     try:
         man = json.loads(manifest_bytes.decode("utf-8"), object_pairs_hook=reject_duplicate_keys)
@@ -166,7 +189,7 @@ def _from_manifest(path, man, payload: bytes) -> OmModel:
             raise _bad(path, f"tensor '{name}' does not fit its shape or the payload",
                        field=fld, found=f"offset {off}, nbytes {nb}, shape {shape}, "
                        f"payload {len(payload)} bytes")
-        tensors[name] = np.frombuffer(payload, DTYPES[dt], count, off).reshape(shape).copy()
+        tensors[name] = np.frombuffer(payload, DTYPES[dt], count, off).reshape(shape)
     return OmModel(man["graph"], tensors, man["profile"], man["quant"], man["meta"])
 
 

@@ -168,11 +168,13 @@ def _compile(a, model, profile, doc, shapes, out_nodes, specs, dyn, op_map):
     into one ``.om`` (the report is gear 0's, with every gear's summary under ``gears``)."""
     from .compiler import compile_onnx
 
-    def build(input_shapes):
+    def build(input_shapes, last=True):
+        # the model loaded from --model is needed by nothing after its last build: handed over
         return compile_onnx(model, profile, params=doc, params_file=a.compress_conf,
                             input_shapes=input_shapes, out_nodes=out_nodes,
                             weight_data_type=a.weight_data_type, op_name_map=op_map,
-                            source=a.model, aipp=specs, aipp_file=a.insert_op_conf)
+                            source=a.model, aipp=specs, aipp_file=a.insert_op_conf,
+                            consume=last)
     if not dyn:
         return build(shapes)
     check_gears_aipp(dyn, specs, [i.name for i in model.graph.input])
@@ -182,7 +184,7 @@ def _compile(a, model, profile, doc, shapes, out_nodes, specs, dyn, op_map):
               + "; ".join(f"{n}:{','.join(map(str, d))}" for n, d in gear["shapes"].items()),
               flush=True)
         builds.append(build(_onnx_shapes({n: tuple(d) for n, d in gear["shapes"].items()},
-                                         model)))
+                                         model), last=len(builds) + 1 == len(dyn["gears"])))
     om = merge_gears(dyn, builds)
     report = builds[0][1]
     report["gears"] = [{"dims": x["dims"], "shapes": x["shapes"], "summary": x["summary"],

@@ -23,7 +23,9 @@ def model_opset(model) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def convert_opset(model, file=None):
+def convert_opset(model, file=None, *, copy: bool = True):
+    """``model`` at ``TARGET_OPSET``; a copy unless ``copy=False`` (the caller hands the
+    model over: a copy costs the model's size)."""
     onnx = require_onnx("Compiling ONNX models")
     v = model_opset(model)
     if not MIN_OPSET <= v <= MAX_OPSET:
@@ -39,8 +41,11 @@ def convert_opset(model, file=None):
                             f"({e.__class__.__name__}: {str(e)[:200]})", file=file,
                             field="opset_import",
                             hint=f"re-export the model with opset {TARGET_OPSET}") from None
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    if copy and v == TARGET_OPSET:   # the converter returned a new model already
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+    else:
+        m = model
     m.ir_version = min(m.ir_version, IR_VERSION) if m.ir_version else IR_VERSION
     return m
 
@@ -164,8 +169,15 @@ def fold_constants(model) -> None:
     del model.graph.node[:]
     model.graph.node.extend(kept)
     used = {x for n in kept for x in n.input} | {o.name for o in model.graph.output}
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(v for k, v in inits.items() if k in used)
+    # in place: dropping and re-adding every initializer would copy all the weights
+    present = set()
+    for i in reversed(range(len(model.graph.initializer))):
+        name = model.graph.initializer[i].name
+        if name in used and name not in present:
+            present.add(name)
+        else:
+            del model.graph.initializer[i]
+    model.graph.initializer.extend(v for k, v in inits.items() if k in used and k not in present)
     graph_in = [i for i in model.graph.input if i.name not in inits or i.name in used]
     del model.graph.input[:]
     model.graph.input.extend(graph_in)
@@ -247,14 +259,60 @@ def _numel(t) -> int:
     return n
 
 
-def infer_shapes(model, file=None):
+SKELETON_KEEP = 1024   # initializers up to this many elements keep their data in a skeleton
+
+
+def skeleton(model):
+    """``model`` without the data of its large initializers (weights): the same nodes,
+    inputs, outputs, value_info and initializer names, types and dims. Shape inference and
+    lowering read only that (small initializers such as Reshape targets, Resize scales and
+    Pad values keep their data), and a copy of the structure costs kilobytes where a copy of
+    the model costs its size; ``onnx.shape_inference`` on the whole model serializes it and
+    parses the result back, about three times the weights at once."""
     onnx = require_onnx("Compiling ONNX models")
+    s = onnx.ModelProto()
+    s.ir_version = model.ir_version
+    s.opset_import.extend(model.opset_import)
+    s.functions.extend(model.functions)
+    src, g = model.graph, s.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    g.sparse_initializer.extend(src.sparse_initializer)
+    for t in src.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        if n <= SKELETON_KEEP:
+            g.initializer.append(t)
+        else:
+            p = g.initializer.add()
+            p.name, p.data_type = t.name, t.data_type
+            p.dims.extend(t.dims)
+    return s
+
+
+def inferred_skeleton(model, **options):
+    """``onnx.shape_inference.infer_shapes`` run on ``skeleton(model)``."""
+    onnx = require_onnx("Compiling ONNX models")
+    return onnx.shape_inference.infer_shapes(skeleton(model), **options)
+
+
+def infer_shapes(model, file=None):
+    """Shapes and types of every tensor, written into ``model`` (in place; returned)."""
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        inferred = inferred_skeleton(model, strict_mode=True, data_prop=True)
     except Exception as e:  # noqa: BLE001
         raise DoptError(f"shape inference failed: {str(e).splitlines()[0][:300]}", file=file,
                         hint="check --input_shape and that the model is valid (onnx.checker)") \
             from None
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    for o, io in zip(model.graph.output, inferred.graph.output):
+        o.type.CopyFrom(io.type)
+    return model
 
 
 def name_nodes(model) -> None:
@@ -268,13 +326,14 @@ def name_nodes(model) -> None:
         seen.add(name)
 
 
-def prepare(model, *, input_shapes=None, out_nodes=None, file=None):
+def prepare(model, *, input_shapes=None, out_nodes=None, file=None, consume: bool = False):
+    """The prepared model; ``consume=True`` works on ``model`` itself instead of a copy."""
     for n in model.graph.node:
         if any(a.type in (5, 10) for a in n.attribute):  # GRAPH / GRAPHS attributes
             raise DoptError(f"node '{n.name}' ({n.op_type}) holds a subgraph: control flow is not "
                             f"supported by the emulated NPU", file=file, field=n.name,
                             hint="export the model without If/Loop/Scan (e.g. trace it)")
-    m = convert_opset(model, file)
+    m = convert_opset(model, file, copy=not consume)
     name_nodes(m)
     if input_shapes:
         set_input_shapes(m, input_shapes, file)
@@ -346,14 +405,13 @@ def fold_shapes(model, max_rounds: int | None = None) -> int:
     is folded with them: a compiled model has static shapes, so shape arithmetic (torch's
     ``x.view(x.size(0), ...)``, channel shuffles, attention reshapes) leaves the graph instead
     of running on the CPU. Bounded: one round per folded node at most."""
-    import onnx
     from onnx import numpy_helper
     import numpy as np
     rounds = max_rounds or len(model.graph.node) + 1
     total = 0
     for _ in range(rounds):
         try:
-            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+            inferred = inferred_skeleton(model, data_prop=True)
         except Exception:  # noqa: BLE001 - no shapes, nothing to fold
             return total
         dims = {}
@@ -394,10 +452,9 @@ def free_batch_reshapes(model) -> int:
     """A Reshape whose constant target starts with 1 (or -1) where both its input and its
     output have batch 1 copies the batch instead (target[0] = 0): shapes were folded at
     batch 1, and the compiled single-sample model still runs N samples at once."""
-    import onnx
     from onnx import numpy_helper
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = inferred_skeleton(model)
     except Exception:  # noqa: BLE001
         return 0
     dim0 = {}

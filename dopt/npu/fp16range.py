@@ -7,6 +7,13 @@ runs once in float32 (ONNX Runtime) on sample inputs: the calibration data where
 has some, otherwise seeded random data shaped like each input. Every kernel's output
 (after the nodes fused into it) is measured; the ``fp16_range`` placement rule turns the
 measurements into findings that name the layer, the range seen and the fix.
+
+An output's range is not the whole story: a division (``Div``, ``Reciprocal``, ``Log``)
+whose float32 divisor holds nonzero values below half the smallest subnormal half (3e-8)
+divides by zero in FP16. That is how ``x / max(||x||, 1e-12)`` (``F.normalize``, cosine
+attention) turns zero rows, e.g. window padding, into NaN: the quotient is finite in
+float32 and its range looks healthy, but 1e-12 is 0 in FP16. So the singular input of each
+such NPU kernel is measured too, as FP16 will hold it.
 """
 from __future__ import annotations
 
@@ -35,6 +42,10 @@ def sample_feeds(model, seed: int = 0) -> dict[str, np.ndarray]:
     return feeds
 
 
+# ONNX ops that are finite in float32 but inf/NaN in FP16 when this input rounds to zero
+_SINGULAR_AT_ZERO = {"Div": 1, "Reciprocal": 0, "Log": 0}
+
+
 def kernel_outputs(graph: IRGraph, cpu_nodes: set[str]) -> dict[str, str]:
     """``{kernel (host) node: the tensor it writes}`` for NPU kernels with a float output."""
     out = {}
@@ -45,21 +56,48 @@ def kernel_outputs(graph: IRGraph, cpu_nodes: set[str]) -> dict[str, str]:
     return out
 
 
+def singular_inputs(graph: IRGraph, cpu_nodes: set[str]) -> dict[str, str]:
+    """``{kernel: its input that must not be zero}`` for NPU divisions (see the docstring)."""
+    out = {}
+    for n in graph.nodes:
+        i = _SINGULAR_AT_ZERO.get(n.onnx_op)
+        if i is None or n.fused_into or n.name in cpu_nodes or n.op is None \
+                or len(n.inputs) <= i or not n.inputs[i]:
+            continue
+        out[n.name] = n.inputs[i]
+    return out
+
+
+def flushed_to_zero(v: np.ndarray) -> tuple[int, float]:
+    """How many finite nonzero values FP16 rounds to zero, and the smallest such magnitude."""
+    v = np.abs(np.asarray(v, np.float32))
+    v = v[np.isfinite(v) & (v > 0)]
+    lost = v[v.astype(np.float16) == 0]
+    return int(lost.size), (float(lost.min()) if lost.size else 0.0)
+
+
 def measure(model, graph: IRGraph, cpu_nodes: set[str], feeds: dict | None = None) -> dict:
-    """``{kernel: {"tensor", "amax", "min", "max", "nonfinite"}}`` from one float32 run."""
+    """``{kernel: {"tensor", "amax", "min", "max", "nonfinite"}}`` from one float32 run;
+    divisions add ``"divisor", "flushed", "flushed_min"`` (``flushed_to_zero``)."""
     import onnx
     import onnxruntime as ort
-    from onnx import helper
+    from onnx import helper, numpy_helper
 
     wanted = kernel_outputs(graph, cpu_nodes)
     if not wanted:
         return {}
+    feeds = feeds or sample_feeds(model)
+    divisors = singular_inputs(graph, cpu_nodes)
+    consts = {i.name: i for i in model.graph.initializer if i.name in set(divisors.values())}
     m = onnx.ModelProto()
     m.CopyFrom(model)
     have = {o.name for o in m.graph.output}
     types = {vi.name: vi.type.tensor_type.elem_type for vi in m.graph.value_info}
     tensors = [t for t in dict.fromkeys(wanted.values()) if types.get(t, 1) in _FLOAT]
-    for t in tensors:
+    extra = [t for t in dict.fromkeys(divisors.values())
+             if t not in consts and t not in feeds and t not in tensors
+             and types.get(t, 1) in _FLOAT]
+    for t in tensors + extra:
         if t not in have:
             m.graph.output.append(helper.make_tensor_value_info(t, types.get(t, 1), None))
     so = ort.SessionOptions()
@@ -69,7 +107,7 @@ def measure(model, graph: IRGraph, cpu_nodes: set[str], feeds: dict | None = Non
         sess = ort.InferenceSession(m.SerializeToString(), so,
                                     providers=["CPUExecutionProvider"])
         names = [o.name for o in sess.get_outputs()]
-        vals = dict(zip(names, sess.run(None, feeds or sample_feeds(model))))
+        vals = dict(zip(names, sess.run(None, feeds)))
     except Exception:  # noqa: BLE001 - no measurement is no finding, never a failed compile
         return {}
     stats = {}
@@ -81,13 +119,29 @@ def measure(model, graph: IRGraph, cpu_nodes: set[str], feeds: dict | None = Non
         stats[t] = {"amax": float(np.abs(finite).max(initial=0.0)),
                     "min": float(finite.min(initial=0.0)), "max": float(finite.max(initial=0.0)),
                     "nonfinite": int(v.size - finite.size)}
-    return {k: dict(stats[t], tensor=t) for k, t in wanted.items() if t in stats}
+    out = {k: dict(stats[t], tensor=t) for k, t in wanted.items() if t in stats}
+    for k, t in divisors.items():
+        v = numpy_helper.to_array(consts[t]) if t in consts else feeds.get(t, vals.get(t))
+        if k not in out or v is None or not np.issubdtype(np.asarray(v).dtype, np.floating):
+            continue
+        n, smallest = flushed_to_zero(v)
+        out[k].update(divisor=t, flushed=n, flushed_min=smallest)
+    return out
 
 
 def problem(info: dict) -> str | None:
     """``"overflow"``, ``"underflow"`` or None for one measured kernel output."""
     if info["nonfinite"] or info["amax"] > FP16_MAX:
         return "overflow"
-    if 0.0 < info["amax"] < FP16_MIN_NORMAL:
+    if info.get("flushed") or 0.0 < info["amax"] < FP16_MIN_NORMAL:
         return "underflow"
     return None
+
+
+def detail(info: dict) -> str:
+    """What the rule's message adds for a division whose divisor FP16 flushes to zero."""
+    if not info.get("flushed"):
+        return ""
+    return (f"; its input {info['divisor']} holds {info['flushed']} nonzero value(s) as small "
+            f"as {info['flushed_min']:.3g}, which FP16 rounds to 0 (its smallest step is 6e-8), "
+            f"so the FP16 result is inf/NaN")

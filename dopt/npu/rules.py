@@ -20,6 +20,7 @@ from enum import Enum
 from ..errors import DoptError, run_cli
 from ..formats.fileio import existing_file
 from ..quant.numerics import FP16_MAX, FP16_MIN_NORMAL
+from .fp16range import detail as fp16_detail
 from .fp16range import problem as fp16_problem
 from .lower import IRGraph, IRNode
 from .profile import DEFAULT_PROFILE, HardwareProfile, load_profile
@@ -308,15 +309,20 @@ def low_recommendation(n: IRNode, ctx: Context) -> Failed | None:
 def fp16_range(n: IRNode, ctx: Context) -> Failed | None:
     """An NPU kernel's FP16 output must fit IEEE half: |x| <= {fp16_max} (beyond, inf and NaN)
     and not all below {fp16_min_normal} (the smallest normal half; below, the signal drains
-    away). Measured by one float32 run on sample inputs before compiling."""
+    away), and a division's divisor must not hold values FP16 rounds to zero (an epsilon
+    such as 1e-12 is 0 in FP16). Measured by one float32 run on sample inputs before
+    compiling."""
     info = ctx.fp16_ranges.get(n.name)
     kind = info and fp16_problem(info)
     if kind:
+        extra = {"divisor": info["divisor"], "flushed": info["flushed"]} \
+            if info.get("flushed") else {}
         return fail(f"FP16 {kind}: output {info['tensor']} ranges over [{info['min']:.3g}, "
                     f"{info['max']:.3g}]" + (f" with {info['nonfinite']} non-finite value(s)"
                                             if info["nonfinite"] else "")
-                    + " on the sample inputs", kind=kind, tensor=info["tensor"],
-                    range=[info["min"], info["max"]], amax=info["amax"])
+                    + " on the sample inputs" + fp16_detail(info), kind=kind,
+                    tensor=info["tensor"], range=[info["min"], info["max"]], amax=info["amax"],
+                    **extra)
 
 
 def evaluate(n: IRNode, ctx: Context) -> tuple[Outcome, list[Finding]]:

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..quant.numerics import FP16_MAX, FP16_MIN_NORMAL
 from .lower import IRGraph
+from .prepare import SKELETON_KEEP, skeleton
 
 _FLOAT = (1, 10, 11)   # TensorProto FLOAT, FLOAT16, DOUBLE
 
@@ -76,11 +77,87 @@ def flushed_to_zero(v: np.ndarray) -> tuple[int, float]:
     return int(lost.size), (float(lost.min()) if lost.size else 0.0)
 
 
+def _weights_as_inputs(skel, model) -> dict[str, np.ndarray]:
+    """Turn the weight placeholders of ``skel`` (``prepare.skeleton`` of ``model``) into
+    graph inputs and return their arrays, to be fed with the data: ONNX Runtime reads fed
+    arrays where they are, while a serialized model (or external initializers) it copies,
+    which held the weights three more times."""
+    from onnx import helper, numpy_helper
+    full = {i.name: i for i in model.graph.initializer}
+    arrays, keep = {}, []
+    for p in skel.graph.initializer:
+        src = full.get(p.name)
+        if src is None or int(np.prod(p.dims, dtype=np.int64)) <= SKELETON_KEEP:
+            keep.append(p)   # kept with its data by the skeleton
+            continue
+        arrays[p.name] = numpy_helper.to_array(src)
+        skel.graph.input.append(helper.make_tensor_value_info(p.name, p.data_type,
+                                                              list(p.dims)))
+    if arrays:
+        kept = [type(p)() for p in keep]
+        for k, p in zip(kept, keep):
+            k.CopyFrom(p)
+        del skel.graph.initializer[:]
+        skel.graph.initializer.extend(kept)
+    return arrays
+
+
+def _session(skel):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.enable_mem_pattern = False   # one run: no block planned for every map at once
+    so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    return ort.InferenceSession(skel.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _add_statistics(m, tensors: list[str], types: dict) -> dict[str, tuple[str, str, str]]:
+    """Graph outputs with each tensor's largest and smallest finite value (non-finite
+    values counted as 0, which the statistics include anyway) and its count of inf/NaN:
+    ``{tensor: (max output, min output, count output)}``."""
+    from onnx import TensorProto, helper
+    if not tensors:
+        return {}
+    zero = "dopt.stats/zero"
+    m.graph.initializer.append(helper.make_tensor(zero, TensorProto.FLOAT, [], [0.0]))
+    out, added = {}, {}
+    for i, t in enumerate(tensors):
+        p = f"dopt.stats/{i}/"
+        f = t
+        new = added.setdefault(t, [])
+        if types.get(t, 1) != TensorProto.FLOAT:
+            f = p + "f32"
+            new.append(helper.make_node("Cast", [t], [f], to=TensorProto.FLOAT))
+        nodes = [("IsNaN", [f], "nan", {}), ("IsInf", [f], "inf", {}),
+                 ("Or", [p + "nan", p + "inf"], "bad", {}), ("Not", [p + "bad"], "fin", {}),
+                 ("Where", [p + "fin", f, zero], "z", {}),
+                 ("ReduceMax", [p + "z"], "max", {"keepdims": 0}),
+                 ("ReduceMin", [p + "z"], "min", {"keepdims": 0}),
+                 ("Cast", [p + "bad"], "bad64", {"to": TensorProto.INT64}),
+                 ("ReduceSum", [p + "bad64"], "count", {"keepdims": 0})]
+        for op, ins, o, attrs in nodes:
+            new.append(helper.make_node(op, ins, [p + o], name=p + o, **attrs))
+        for o, typ in (("max", TensorProto.FLOAT), ("min", TensorProto.FLOAT),
+                       ("count", TensorProto.INT64)):
+            m.graph.output.append(helper.make_tensor_value_info(p + o, typ, []))
+        out[t] = (p + "max", p + "min", p + "count")
+    # each reduction right after the node that writes its tensor, so that the map can be
+    # freed as soon as its own readers have run
+    nodes = list(m.graph.node)
+    del m.graph.node[:]
+    for n in nodes:
+        m.graph.node.append(n)
+        for t in n.output:
+            m.graph.node.extend(added.pop(t, ()))
+    for rest in added.values():   # graph inputs
+        m.graph.node.extend(rest)
+    return out
+
+
 def measure(model, graph: IRGraph, cpu_nodes: set[str], feeds: dict | None = None) -> dict:
     """``{kernel: {"tensor", "amax", "min", "max", "nonfinite"}}`` from one float32 run;
     divisions add ``"divisor", "flushed", "flushed_min"`` (``flushed_to_zero``)."""
-    import onnx
-    import onnxruntime as ort
     from onnx import helper, numpy_helper
 
     wanted = kernel_outputs(graph, cpu_nodes)
@@ -89,29 +166,31 @@ def measure(model, graph: IRGraph, cpu_nodes: set[str], feeds: dict | None = Non
     feeds = feeds or sample_feeds(model)
     divisors = singular_inputs(graph, cpu_nodes)
     consts = {i.name: i for i in model.graph.initializer if i.name in set(divisors.values())}
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m = skeleton(model)   # the weights go to ONNX Runtime as fed arrays, not copies
     have = {o.name for o in m.graph.output}
     types = {vi.name: vi.type.tensor_type.elem_type for vi in m.graph.value_info}
     tensors = [t for t in dict.fromkeys(wanted.values()) if types.get(t, 1) in _FLOAT]
     extra = [t for t in dict.fromkeys(divisors.values())
              if t not in consts and t not in feeds and t not in tensors
              and types.get(t, 1) in _FLOAT]
-    for t in tensors + extra:
+    # divisors are read whole (flushed_to_zero); every other kernel output only as its
+    # statistics, reduced inside the graph, so ONNX Runtime frees each map after its readers
+    whole = [t for t in dict.fromkeys(extra + [t for t in divisors.values() if t in tensors])]
+    reduced = [t for t in tensors if t not in set(whole)]
+    for t in whole:
         if t not in have:
             m.graph.output.append(helper.make_tensor_value_info(t, types.get(t, 1), None))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    stat_names = _add_statistics(m, reduced, types)
     try:
-        sess = ort.InferenceSession(m.SerializeToString(), so,
-                                    providers=["CPUExecutionProvider"])
+        weights = _weights_as_inputs(m, model)
+        sess = _session(m)
         names = [o.name for o in sess.get_outputs()]
-        vals = dict(zip(names, sess.run(None, feeds)))
+        vals = dict(zip(names, sess.run(None, {**feeds, **weights})))
+        del sess, weights
     except Exception:  # noqa: BLE001 - no measurement is no finding, never a failed compile
         return {}
     stats = {}
-    for t in tensors:
+    for t in whole:
         v = vals.get(t)
         if v is None or not np.issubdtype(v.dtype, np.floating) or not v.size:
             continue
@@ -119,6 +198,10 @@ def measure(model, graph: IRGraph, cpu_nodes: set[str], feeds: dict | None = Non
         stats[t] = {"amax": float(np.abs(finite).max(initial=0.0)),
                     "min": float(finite.min(initial=0.0)), "max": float(finite.max(initial=0.0)),
                     "nonfinite": int(v.size - finite.size)}
+    for t, (hi_name, lo_name, bad_name) in stat_names.items():
+        hi, lo = min(float(vals[lo_name]), 0.0), max(float(vals[hi_name]), 0.0)
+        stats[t] = {"amax": max(-hi, lo), "min": hi, "max": lo,
+                    "nonfinite": int(vals[bad_name])}
     out = {k: dict(stats[t], tensor=t) for k, t in wanted.items() if t in stats}
     for k, t in divisors.items():
         v = numpy_helper.to_array(consts[t]) if t in consts else feeds.get(t, vals.get(t))

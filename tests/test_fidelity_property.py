@@ -530,55 +530,10 @@ def run_so_case(spec: dict, int8_bits: int, tmp_path, *, n_eval: int = N_EVAL) -
 
 
 def qdq_with_npu_fp16(model):
-    """The QDQ model with the NPU's data types: graph inputs, float weights and the output of
-    every float op rounded to FP16 (Cast pairs), the Q/DQ pairs left alone.
-    dopt_so's QDQ file is float32 between its Q/DQ pairs, where the NPU computes in FP16;
-    on networks whose top-two logits sit close (a random one squashed by sigmoid and tanh)
-    that alone moves top-1 on more than 0.1 % of the samples, whatever the compiler does.
-    This is the reference the ``.om`` must reproduce."""
-    from onnx import TensorProto, helper
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    inits = {i.name for i in m.graph.initializer}
-    nodes, k = [], 0
-
-    def rounded(src, dst):
-        nonlocal k
-        k += 1
-        return [helper.make_node("Cast", [src], [f"{dst}/h{k}"], to=TensorProto.FLOAT16),
-                helper.make_node("Cast", [f"{dst}/h{k}"], [dst], to=TensorProto.FLOAT)]
-    renamed = {}
-    for i in m.graph.input:
-        if i.name not in inits:
-            renamed[i.name] = f"{i.name}/f16"
-            nodes += rounded(i.name, renamed[i.name])
-    for n in m.graph.node:
-        for j, t in enumerate(n.input):
-            if t in renamed:
-                n.input[j] = renamed[t]
-        float_op = n.op_type not in ("QuantizeLinear", "DequantizeLinear", "Shape", "Constant")
-        if not float_op:
-            nodes.append(n)
-            continue
-        outs = list(n.output)
-        for j, t in enumerate(outs):
-            n.output[j] = f"{t}/f32"
-        nodes.append(n)
-        for t in outs:
-            nodes += rounded(f"{t}/f32", t)
-    del m.graph.node[:]
-    m.graph.node.extend(nodes)
-    # float weights and biases (the layers left float) are FP16 on the NPU; Q/DQ scales stay
-    from onnx import numpy_helper
-    qdq_inputs = {t for n in m.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
-                  for t in n.input}
-    for i, init in enumerate(m.graph.initializer):
-        if init.data_type == TensorProto.FLOAT and init.name not in qdq_inputs:
-            a = numpy_helper.to_array(init)
-            m.graph.initializer[i].CopyFrom(numpy_helper.from_array(
-                a.astype(np.float16).astype(np.float32), init.name))
-    return m
-
+    """The reference the ``.om`` must reproduce: the QDQ model with the NPU's data types
+    (``dopt.formats.qdq.with_npu_data_types``)."""
+    from dopt.formats.qdq import with_npu_data_types
+    return with_npu_data_types(model)
 
 
 def _onnx_npu_fp16(path, names) -> set[str]:

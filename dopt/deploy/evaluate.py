@@ -128,6 +128,15 @@ def _fixed_batch(sess) -> int | None:
     return min(fixed) if fixed else None
 
 
+def simulated_predictor(qdq_model, *, batch_size: int = 256) -> Predictor:
+    """The simulated build: the QDQ model with the NPU's data types (FP16 between its
+    Q/DQ pairs, ``formats.qdq.with_npu_data_types``), which predicts the compiled model
+    where the float32 QDQ file misses near ties."""
+    from ..formats.qdq import with_npu_data_types
+    return ort_predictor(with_npu_data_types(qdq_model).SerializeToString(), optimize=False,
+                         batch_size=batch_size)
+
+
 def ort_predictor(model_bytes: bytes, *, optimize: bool, batch_size: int = 256) -> Predictor:
     from ..formats.qdq import ort_session
     try:

@@ -297,7 +297,7 @@ def _run(cfg, so, evaluator, baseline, password, stage: Path, prog: Progress,
     from ..npu import omfile
     from . import gates as G
     from . import mixed, report as R, sensitivity as S
-    from .evaluate import agreement, om_predictor, ort_predictor
+    from .evaluate import agreement, om_predictor, ort_predictor, simulated_predictor
     from .variants import Variants
     say = prog.log
     build, work = stage / "build", stage / "work"
@@ -328,8 +328,7 @@ def _run(cfg, so, evaluator, baseline, password, stage: Path, prog: Progress,
 
     prog.start("evaluate")
     float_score = evaluator(ort_predictor(float_bytes, optimize=True, batch_size=bs))
-    sim_all = evaluator(ort_predictor(qdq_all.SerializeToString(), optimize=False,
-                                      batch_size=bs))
+    sim_all = evaluator(simulated_predictor(qdq_all, batch_size=bs))
     prog.done(float=round(float_score.value, 4), simulated_int8=round(sim_all.value, 4),
               samples=evaluator.samples or sim_all.samples)
 
@@ -377,8 +376,7 @@ def _run(cfg, so, evaluator, baseline, password, stage: Path, prog: Progress,
 
         def evaluate(fs):
             m, _ = variants.build(fs)
-            return evaluator(ort_predictor(m.SerializeToString(), optimize=False,
-                                           batch_size=bs)).value
+            return evaluator(simulated_predictor(m, batch_size=bs)).value
 
         def on_best(fs, m):
             doc = variants.params_for(fs)
@@ -408,8 +406,7 @@ def _run(cfg, so, evaluator, baseline, password, stage: Path, prog: Progress,
     P.write_params(build / "quant_param.json", params)
     import onnx
     onnx.save(qdq, str(work / "model_qdq.onnx"))
-    sim = sim_all if not float_set else evaluator(
-        ort_predictor(qdq.SerializeToString(), optimize=False, batch_size=bs))
+    sim = sim_all if not float_set else evaluator(simulated_predictor(qdq, batch_size=bs))
     deployed = evaluator(om_predictor(om_path, batch_size=bs))
     deployed16 = evaluator(om_predictor(om16_path, batch_size=bs))
     est = om_final.meta.get("estimate")

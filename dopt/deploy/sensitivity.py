@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from .evaluate import Evaluator, ort_predictor
+from .evaluate import Evaluator, ort_predictor, simulated_predictor
 from .variants import Variants
 
 
@@ -83,11 +83,8 @@ def full(variants: Variants, evaluator: Evaluator, *, batch_size: int = 256,
         m1, _ = variants.build([n for n in names if n != name])
         m2, _ = variants.build([name])
         out[name] = {
-            "metric_only_int8": evaluator(ort_predictor(m1.SerializeToString(), optimize=False,
-                                                        batch_size=batch_size)).value,
-            "metric_only_float": evaluator(ort_predictor(m2.SerializeToString(),
-                                                         optimize=False,
-                                                         batch_size=batch_size)).value}
+            "metric_only_int8": evaluator(simulated_predictor(m1, batch_size=batch_size)).value,
+            "metric_only_float": evaluator(simulated_predictor(m2, batch_size=batch_size)).value}
         log(f"  full sensitivity: {i + 1}/{len(names)} {name}: only INT8 "
             f"{out[name]['metric_only_int8']:.3f}, only float {out[name]['metric_only_float']:.3f}")
     return out

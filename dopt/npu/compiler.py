@@ -169,12 +169,13 @@ class _Builder:
         for u in (x for x in self.g.nodes if x.fused_into == n.name):
             if u.onnx_op == "BatchNormalization":
                 node = self.onnx_nodes[u.name]
-                gamma, beta, mean, var = (self.inits[x].astype(np.float32) for x in u.inputs[1:5])
+                gamma, beta, mean, var = (self.inits[x].astype(np.float32, copy=False)
+                                          for x in u.inputs[1:5])
                 eps = np.float32(next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5))
                 k = (gamma / np.sqrt(var + eps)).astype(np.float32)
                 b = ((b - mean) * k + beta).astype(np.float32)
             else:
-                c = self.inits[u.attrs["const_inputs"][0]].astype(np.float32).reshape(-1)
+                c = self.inits[u.attrs["const_inputs"][0]].astype(np.float32, copy=False).reshape(-1)
                 c = np.broadcast_to(c, (axis_len,)).astype(np.float32)
                 if u.onnx_op == "Mul":
                     k, b = c, (b * c).astype(np.float32)
@@ -192,9 +193,9 @@ class _Builder:
         attrs = self._attrs(node)
         if attrs.get("auto_pad", {}).get("value", "NOTSET") not in ("NOTSET", "VALID"):
             attrs = self._explicit_pads(n, attrs)
-        w = self.inits[node.input[1]].astype(np.float32)
+        w = self.inits[node.input[1]].astype(np.float32, copy=False)
         cout = w.shape[0]
-        b = (self.inits[node.input[2]].astype(np.float32) if len(node.input) > 2 and node.input[2]
+        b = (self.inits[node.input[2]].astype(np.float32, copy=False) if len(node.input) > 2 and node.input[2]
              else np.zeros(cout, np.float32))
         w, b, k, fused = self._fold(n, w, b, cout)
         out = n.attrs.get("fused_output", node.output[0])
@@ -243,17 +244,19 @@ class _Builder:
 
     def _fc(self, n: IRNode, row: dict):
         node = self.onnx_nodes[n.name]
-        w = self.inits[node.input[1]].astype(np.float32)
+        w = self.inits[node.input[1]].astype(np.float32, copy=False)
         get = {a.name: a for a in node.attribute}
         if node.op_type == "Gemm":
             if not (get.get("transB") and get["transB"].i):
                 w = w.T
             alpha = np.float32(get["alpha"].f) if "alpha" in get else np.float32(1)
             beta = np.float32(get["beta"].f) if "beta" in get else np.float32(1)
-            w = (w * alpha).astype(np.float32)
+            if alpha != 1:   # w * 1 is w: no full-size copy for the usual Gemm
+                w = (w * alpha).astype(np.float32, copy=False)
             c = node.input[2] if len(node.input) > 2 and node.input[2] else None
-            b = (np.broadcast_to(self.inits[c].astype(np.float32).reshape(-1), (w.shape[0],))
-                 * beta).astype(np.float32) if c else np.zeros(w.shape[0], np.float32)
+            b = (np.broadcast_to(self.inits[c].astype(np.float32, copy=False).reshape(-1),
+                                 (w.shape[0],)) * beta).astype(np.float32) \
+                if c else np.zeros(w.shape[0], np.float32)
         else:
             w = np.ascontiguousarray(w.T)
             b = np.zeros(w.shape[0], np.float32)

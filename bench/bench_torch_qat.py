@@ -58,21 +58,27 @@ def acc(pred, y):
     return float(100 * (pred == y).mean())
 
 
-def step_time(model, xtr, ytr, steps=40, batch=64, seed=0):
+def step_ratio(float_model, qat_model, xtr, ytr, steps=40, batch=64, seed=0) -> dict:
+    """Float and QAT training steps timed in turn (the same batches, one after the other),
+    so that a change in the machine's load hits both: medians and their ratio."""
     rng = np.random.default_rng(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-5)
-    model.train()
-    times = []
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-5) for m in (float_model, qat_model)]
+    times = ([], [])
+    for m in (float_model, qat_model):
+        m.train()
     for s in range(steps + 5):
         idx = rng.integers(0, len(xtr), batch)
-        t = time.perf_counter()
-        loss = F.cross_entropy(model(torch.from_numpy(xtr[idx])), torch.from_numpy(ytr[idx]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if s >= 5:
-            times.append(time.perf_counter() - t)
-    return float(np.median(times))
+        x, y = torch.from_numpy(xtr[idx]), torch.from_numpy(ytr[idx])
+        for k, (m, opt) in enumerate(zip((float_model, qat_model), opts)):
+            t = time.perf_counter()
+            loss = F.cross_entropy(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if s >= 5:
+                times[k].append(time.perf_counter() - t)
+    f, q = float(np.median(times[0])), float(np.median(times[1]))
+    return {"float_step_s": f, "qat_step_s": q, "qat_step_ratio": q / f}
 
 
 def qat(q, xtr, ytr, epochs=1.0, lr=1e-3, batch=64, seed=0, optimizer="sgd", freeze_at=0.5,
@@ -157,9 +163,10 @@ def run_model(name, a, xtr, ytr, xte, yte):
     r["ort_calib_time_s"] = t_ort
     r["ort_calib_peak_mib"] = mem_ort
 
-    r["float_step_s"] = step_time(demo.build_float(name), xtr, ytr)
-    r["qat_step_s"] = step_time(calibrate(demo.build_float(name), cfg, calib), xtr, ytr)
-    r["qat_step_ratio"] = r["qat_step_s"] / r["float_step_s"]
+    r.update(step_ratio(demo.build_float(name), calibrate(demo.build_float(name), cfg, calib),
+                        xtr, ytr))
+    if a.step_time_only:
+        return r
 
     qat_accs, qat_times, q0, pred_q = [], [], None, None
     for seed in range(a.seeds):  # QAT noise is of the order of the bars: report the spread
@@ -209,6 +216,8 @@ def main(argv=None):
                          "model, T=2, weight 1)")
     ap.add_argument("--seeds", type=int, default=3, help="QAT runs (different batch orders)")
     ap.add_argument("--results", default="torch_qat.json", help="file name in bench/results/")
+    ap.add_argument("--step-time-only", action="store_true",
+                    help="only the QAT step / float step ratio (interleaved timing), no QAT runs")
     ap.add_argument("--float-control", action="store_true",
                     help="also fine-tune the float model with the same recipe, without "
                          "distillation (how much of the QAT change is plain fine-tuning drift)")
@@ -225,6 +234,11 @@ def main(argv=None):
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
             "cpus": torch.get_num_threads(), "torch": torch.__version__}
     (OUT / a.results).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    if a.step_time_only:
+        for r in rows:
+            print(f"{r['model']}: float step {r['float_step_s'] * 1e3:.1f} ms, QAT step "
+                  f"{r['qat_step_s'] * 1e3:.1f} ms, ratio {r['qat_step_ratio']:.2f}x")
+        return 0
     print("\n| model | float | dopt calib | dopt QAT | ORT quantize_static | QDQ agreement | "
           "QAT step / float step | calib time dopt / ORT | calib peak MiB 256 / 2048 |")
     print("|---|---|---|---|---|---|---|---|---|")

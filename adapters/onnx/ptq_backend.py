@@ -67,10 +67,15 @@ def prepare_model(model, *, input_shapes=None, out_nodes=None, file=None):
         prep.cut_outputs(m, out_nodes, file)
     prep.strip_qdq(m)
     prep.fold_constants(m)
-    try:
-        return onnx.shape_inference.infer_shapes(m, data_prop=True)
+    try:   # on the weight-free skeleton: inference on the whole model holds it three times
+        inferred = prep.inferred_skeleton(m, data_prop=True)
     except Exception:  # noqa: BLE001 - types are a convenience; ONNX Runtime infers its own
         return m
+    del m.graph.value_info[:]
+    m.graph.value_info.extend(inferred.graph.value_info)
+    for o, io in zip(m.graph.output, inferred.graph.output):
+        o.type.CopyFrom(io.type)
+    return m
 
 
 def _attr(node, name, default):

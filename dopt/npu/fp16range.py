@@ -21,7 +21,7 @@ import numpy as np
 
 from ..quant.numerics import FP16_MAX, FP16_MIN_NORMAL
 from .lower import IRGraph
-from .prepare import SKELETON_KEEP, skeleton
+from .prepare import skeleton, weights_as_inputs
 
 _FLOAT = (1, 10, 11)   # TensorProto FLOAT, FLOAT16, DOUBLE
 
@@ -75,31 +75,6 @@ def flushed_to_zero(v: np.ndarray) -> tuple[int, float]:
     v = v[np.isfinite(v) & (v > 0)]
     lost = v[v.astype(np.float16) == 0]
     return int(lost.size), (float(lost.min()) if lost.size else 0.0)
-
-
-def _weights_as_inputs(skel, model) -> dict[str, np.ndarray]:
-    """Turn the weight placeholders of ``skel`` (``prepare.skeleton`` of ``model``) into
-    graph inputs and return their arrays, to be fed with the data: ONNX Runtime reads fed
-    arrays where they are, while a serialized model (or external initializers) it copies,
-    which held the weights three more times."""
-    from onnx import helper, numpy_helper
-    full = {i.name: i for i in model.graph.initializer}
-    arrays, keep = {}, []
-    for p in skel.graph.initializer:
-        src = full.get(p.name)
-        if src is None or int(np.prod(p.dims, dtype=np.int64)) <= SKELETON_KEEP:
-            keep.append(p)   # kept with its data by the skeleton
-            continue
-        arrays[p.name] = numpy_helper.to_array(src)
-        skel.graph.input.append(helper.make_tensor_value_info(p.name, p.data_type,
-                                                              list(p.dims)))
-    if arrays:
-        kept = [type(p)() for p in keep]
-        for k, p in zip(kept, keep):
-            k.CopyFrom(p)
-        del skel.graph.initializer[:]
-        skel.graph.initializer.extend(kept)
-    return arrays
 
 
 def _session(skel):
@@ -182,7 +157,7 @@ def measure(model, graph: IRGraph, cpu_nodes: set[str], feeds: dict | None = Non
             m.graph.output.append(helper.make_tensor_value_info(t, types.get(t, 1), None))
     stat_names = _add_statistics(m, reduced, types)
     try:
-        weights = _weights_as_inputs(m, model)
+        weights = weights_as_inputs(m, model)
         sess = _session(m)
         names = [o.name for o in sess.get_outputs()]
         vals = dict(zip(names, sess.run(None, {**feeds, **weights})))

@@ -294,6 +294,32 @@ def skeleton(model):
     return s
 
 
+def weights_as_inputs(skel, model) -> dict:
+    """Turn the weight placeholders of ``skel`` (``prepare.skeleton`` of ``model``) into
+    graph inputs and return their arrays, to be fed with the data: ONNX Runtime reads fed
+    arrays where they are, while a serialized model (or external initializers) it copies,
+    which held the weights three more times."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+    full = {i.name: i for i in model.graph.initializer}
+    arrays, keep = {}, []
+    for p in skel.graph.initializer:
+        src = full.get(p.name)
+        if src is None or int(np.prod(p.dims, dtype=np.int64)) <= SKELETON_KEEP:
+            keep.append(p)   # kept with its data by the skeleton
+            continue
+        arrays[p.name] = numpy_helper.to_array(src)
+        skel.graph.input.append(helper.make_tensor_value_info(p.name, p.data_type,
+                                                              list(p.dims)))
+    if arrays:
+        kept = [type(p)() for p in keep]
+        for k, p in zip(kept, keep):
+            k.CopyFrom(p)
+        del skel.graph.initializer[:]
+        skel.graph.initializer.extend(kept)
+    return arrays
+
+
 def inferred_skeleton(model, **options):
     """``onnx.shape_inference.infer_shapes`` run on ``skeleton(model)``."""
     onnx = require_onnx("Compiling ONNX models")

@@ -188,7 +188,7 @@ def _fold_constant_dequantize(model) -> None:
     float32 along ``axis``, exactly as the operator defines it. Done here rather than by
     ``fold_constants``: onnx's reference evaluator has no DequantizeLinear below opset 19."""
     import numpy as np
-    from onnx import numpy_helper
+    from onnx import TensorProto, numpy_helper
     inits = {i.name: i for i in model.graph.initializer}
     kept = []
     for n in model.graph.node:
@@ -203,8 +203,14 @@ def _fold_constant_dequantize(model) -> None:
                 shape = [1] * q.ndim
                 shape[axis % q.ndim] = -1
                 s, zp = s.reshape(shape), zp.reshape(shape)
-            val = ((q.astype(np.float32) - zp.astype(np.float32)) * s).astype(np.float32)
-            model.graph.initializer.append(numpy_helper.from_array(val, n.output[0]))
+            val = q.astype(np.float32)   # (q - zp) * s in float32, in place: one full copy
+            del q
+            val -= zp.astype(np.float32)
+            val *= s
+            t = model.graph.initializer.add()   # filled in place: append would copy it
+            t.name, t.data_type = n.output[0], TensorProto.FLOAT
+            t.dims.extend(val.shape)
+            t.raw_data = val.tobytes()
             continue
         kept.append(n)
     del model.graph.node[:]

@@ -82,8 +82,10 @@ def _bcast(s, ndim: int, axis: int):
 
 def quantize_weight(w, scales, axis: int = 0) -> np.ndarray:
     w = np.asarray(w, dtype=np.float32)
-    q = np.rint(w / _bcast(scales, w.ndim, axis))
-    return np.clip(q, -W_QMAX, W_QMAX).astype(np.int8)
+    q = w / _bcast(scales, w.ndim, axis)   # one float32 temporary, rounded and clipped in place
+    np.rint(q, out=q)
+    np.clip(q, -W_QMAX, W_QMAX, out=q)
+    return q.astype(np.int8)
 
 
 def fake_quant_weight(w, scales, axis: int = 0) -> np.ndarray:

@@ -26,12 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
+from dopt.quant.numerics import FP16_DRIFT_TOLERANCE
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "compat.json"
 DOC = ROOT / "docs" / "compatibility.md"
 TAG = "COMPAT_RESULT "
 CPU_RTOL = 1e-4
-FP16_RTOL = 2e-2
+FP16_RTOL = FP16_DRIFT_TOLERANCE   # one bound: the pre-check's fp16_drift rule reads it too
 BATCH = 2
 
 
@@ -80,6 +82,9 @@ def check(model, name: str, shape=None) -> dict:
                    cpu=s["cpu"], cpu_ops=sorted({x["onnx_op"] for x in report["nodes"]
                                                  if x["outcome"] == "cpu"}))
         row["fp16_range"] = [f["node"] for f in report.get("fp16_range", [])]
+        drift = report.get("fp16_drift") or {}
+        row["fp16_drift"] = {"predicted": max(drift["outputs"].values(), default=0.0),
+                             "first": drift["first"]} if drift else None
         cpu = runtime.Session(om32, device="cpu").run({in_name: x})
         row["cpu_rel_err"] = rel_err(ref, next(iter(cpu.values())))
         om16, _ = compile_onnx(model, profile, input_shapes=shapes, source=name)
@@ -107,8 +112,9 @@ def check(model, name: str, shape=None) -> dict:
         rows = kernel_agreement(om16, {in_name: x[:1]}, npu=True)
         bad = [r["kernel"] for r in rows if not r["within_bound"]]
         row["kernels_outside_bound"] = bad[:10]
-        row["status"] = ("FP16 drift (every kernel within its bound)" if not bad
-                         else "mismatch (emulated NPU)")
+        predicted = bool(row["fp16_drift"] and row["fp16_drift"]["first"])
+        row["status"] = ("mismatch (emulated NPU)" if bad else
+                         "FP16 drift (predicted)" if predicted else "FP16 drift (not predicted)")
     return row
 
 
@@ -147,19 +153,23 @@ def run_one(kind: str, name: str, timeout: int) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = ["| source | network | result | nodes (NPU / fused / CPU) | CPU ops | "
-             "CPU device vs ORT | emulated NPU vs ORT | top-1 | compile s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "CPU device vs ORT | emulated NPU vs ORT | drift predicted at compile | top-1 | "
+             "compile s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         src = "onnx Model Zoo" if r.get("kind") == "zoo" else "torchvision"
         if r["status"] in ("refused", "crash", "timeout"):
             lines.append(f"| {src} | {r['model']} | {r['status']}: {r.get('reason', '')} "
-                         "| | | | | | |")
+                         "| | | | | | | |")
             continue
         npu = (f"{r['npu_rel_err']:.1e}" if r.get("npu_rel_err") is not None else "non-finite")
+        d = r.get("fp16_drift")
+        drift = "-" if not d else (f"{d['predicted']:.1e}" + (f" (flagged at {d['first']})"
+                                                              if d["first"] else ""))
         lines.append(
             f"| {src} | {r['model']} | {r['status']} | {r['nodes']} ({r['npu']} / {r['fused']} / "
             f"{r['cpu']}) | {', '.join(r['cpu_ops']) or '-'} | {r['cpu_rel_err']:.1e} | {npu} | "
-            f"{r['npu_top1_agree']:.0%} | {r.get('compile_s', '')} |")
+            f"{drift} | {r['npu_top1_agree']:.0%} | {r.get('compile_s', '')} |")
     return "\n".join(lines)
 
 

@@ -57,7 +57,19 @@ def _cases(profile):
         "fp16_range": (_measured(9e4), {"kind": "overflow", "tensor": "y",
                                         "range": [-9e4, 9e4], "amax": 9e4},
                        _measured(6e4), ()),
+        "fp16_drift": (_drifted("conv"), {"output": "y", "drift": 0.05, "drift_here": 0.03,
+                                          "tolerance": 0.02},
+                       _drifted("other"), ()),
     }
+
+
+def _drifted(first):
+    """A convolution in a network whose output FP16 moves by 5 %, the drift first passing
+    the bound at ``first``."""
+    n = _conv(16, 32)
+    n.attrs["drift"] = {"tolerance": 0.02, "outputs": {"y": 0.05}, "kernels": {"conv": 0.03},
+                        "first": first}
+    return n
 
 
 def _measured(amax):
@@ -71,7 +83,7 @@ def _measured(amax):
 def _ctx(profile, node, int8=()):
     measured = {node.name: node.attrs["measured"]} if "measured" in node.attrs else {}
     return R.Context(IRGraph([node], {}, set(), ["x"], ["y"]), profile, frozenset(int8),
-                     measured)
+                     measured, node.attrs.get("drift", {}))
 
 
 def test_doc_table_is_up_to_date():

@@ -19,7 +19,7 @@ from ..formats import param_file as P
 from ..errors import DoptError
 from ..formats.fileio import existing_file
 from .costmodel import estimate, fusion_groups
-from .fp16range import measure
+from .fp16range import measure, measure_drift
 from .lower import IRGraph, IRNode, lower_onnx
 from .omfile import OmModel
 from .precheck import precheck
@@ -376,8 +376,9 @@ def analyze(model, profile: HardwareProfile, *, params: dict | None = None,
     if fp16_check:
         cpu = {x["node"] for x in report["nodes"] if x["outcome"] == CPU}
         ranges = measure(m, g, cpu, samples)
-        if ranges:
-            report = precheck(g, profile, layers, fp16_ranges=ranges)
+        drift = measure_drift(m, g, cpu, samples)
+        if ranges or drift:
+            report = precheck(g, profile, layers, fp16_ranges=ranges, fp16_drift=drift)
     report["fusions"] = fusion_groups(g, report, profile)
     return m, g, report
 

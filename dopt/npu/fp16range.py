@@ -14,12 +14,18 @@ divides by zero in FP16. That is how ``x / max(||x||, 1e-12)`` (``F.normalize``,
 attention) turns zero rows, e.g. window padding, into NaN: the quotient is finite in
 float32 and its range looks healthy, but 1e-12 is 0 in FP16. So the singular input of each
 such NPU kernel is measured too, as FP16 will hold it.
+
+Values that fit can still drift: each NPU kernel rounds its output to FP16 (a relative step
+of 2^-11), and over a hundred layers the steps add up. ``measure_drift`` runs the graph a
+second time beside itself with every NPU kernel's output (and every graph input) rounded to
+FP16 and reports how far each kernel output and each network output moves, relative to its
+range; the ``fp16_drift`` rule names the kernel where that first passes the tolerance.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..quant.numerics import FP16_MAX, FP16_MIN_NORMAL
+from ..quant.numerics import FP16_DRIFT_TOLERANCE, FP16_MAX, FP16_MIN_NORMAL
 from .lower import IRGraph
 from .prepare import skeleton, weights_as_inputs
 
@@ -203,3 +209,138 @@ def detail(info: dict) -> str:
     return (f"; its input {info['divisor']} holds {info['flushed']} nonzero value(s) as small "
             f"as {info['flushed_min']:.3g}, which FP16 rounds to 0 (its smallest step is 6e-8), "
             f"so the FP16 result is inf/NaN")
+
+
+# --- drift: the same graph with FP16 kernel outputs, beside the float32 one -----------------
+
+_TWIN = "dopt.h/"
+# weights up to this many elements are rounded to FP16 in the drift run (a transient float32
+# and FP16 copy of each, right before its reader); the few larger ones (VGG's and AlexNet's
+# first fully connected layers) stay float32, one rounding of 2^-12 left out of the estimate
+# to keep the compiler's peak memory where it was
+DRIFT_ROUNDED_WEIGHT_MAX = 1 << 24
+
+
+def _has_subgraph(m) -> bool:
+    return any(a.type in (5, 10) for n in m.graph.node for a in n.attribute)   # GRAPH(S)
+
+
+def _add_twin(m, kernel_tensors: set[str], types: dict, cpu_nodes: set[str]
+              ) -> dict[str, tuple[str, str]]:
+    """Append, node by node, a copy of ``m``'s graph whose produced tensors carry the
+    ``dopt.h/`` prefix and which shares the weights. Its float graph inputs, NPU kernel
+    outputs and the float weights its NPU nodes read (up to ``DRIFT_ROUNDED_WEIGHT_MAX``
+    elements) are rounded to FP16 by a Cast pair right before the reader, so a rounded copy
+    lives no longer than its node. After each float kernel output (and each float graph
+    output) the largest |float32 - FP16| and |float32| are reduced in the graph, so both maps
+    are freed as soon as their readers have run. Returns ``{tensor: (max difference output,
+    max |float32| output)}``."""
+    from onnx import TensorProto, helper
+    produced = {o for n in m.graph.node for o in n.output if o}
+    inits = {t.name: t.data_type for t in m.graph.initializer
+             if int(np.prod(t.dims, dtype=np.int64)) <= DRIFT_ROUNDED_WEIGHT_MAX}
+    every_init = {t.name for t in m.graph.initializer}
+    data_inputs = [i.name for i in m.graph.input
+                   if i.type.tensor_type.elem_type == TensorProto.FLOAT
+                   and i.name not in every_init]
+    watched = [t for t in dict.fromkeys(list(kernel_tensors) + [o.name for o in m.graph.output])
+               if types.get(t, 1) == TensorProto.FLOAT]
+    watched_set = set(watched)
+    twin = {}
+    nodes: list = []
+
+    def round_to(src: str, dst: str) -> list:
+        return [helper.make_node("Cast", [src], [dst + "#h"], to=TensorProto.FLOAT16),
+                helper.make_node("Cast", [dst + "#h"], [dst], to=TensorProto.FLOAT)]
+
+    def diff(t: str) -> list:
+        p = f"dopt.drift/{len(outs)}/"
+        outs[t] = (p + "diff", p + "amax")
+        return [helper.make_node("Sub", [t, twin[t]], [p + "d"]),
+                helper.make_node("Abs", [p + "d"], [p + "ad"]),
+                helper.make_node("ReduceMax", [p + "ad"], [p + "diff"], keepdims=0),
+                helper.make_node("Abs", [t], [p + "a"]),
+                helper.make_node("ReduceMax", [p + "a"], [p + "amax"], keepdims=0)]
+
+    outs: dict[str, tuple[str, str]] = {}
+    for name in data_inputs:
+        twin[name] = _TWIN + name
+        nodes += round_to(name, twin[name])
+    for n in list(m.graph.node):
+        nodes.append(n)
+        c = type(n)()
+        c.CopyFrom(n)
+        if c.name:
+            c.name = _TWIN + c.name
+        weights = []
+        for j, t in enumerate(c.input):
+            if t in twin:
+                c.input[j] = twin[t]
+            elif inits.get(t) == TensorProto.FLOAT and n.name not in cpu_nodes:
+                c.input[j] = f"{_TWIN}{t}#w{len(nodes)}"
+                weights += round_to(t, c.input[j])
+        rounding = []
+        for j, t in enumerate(c.output):
+            if not t or t not in produced:
+                continue
+            twin[t] = _TWIN + t
+            if t in kernel_tensors and types.get(t, 1) == TensorProto.FLOAT:
+                c.output[j] = twin[t] + "#32"
+                rounding += round_to(c.output[j], twin[t])
+            else:
+                c.output[j] = twin[t]
+        nodes += weights + [c] + rounding
+        for t in n.output:
+            if t in watched_set and t in twin:
+                nodes += diff(t)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    del m.graph.output[:]
+    for a, b in outs.values():
+        m.graph.output.extend([helper.make_tensor_value_info(a, TensorProto.FLOAT, []),
+                               helper.make_tensor_value_info(b, TensorProto.FLOAT, [])])
+    return outs
+
+
+def measure_drift(model, graph: IRGraph, cpu_nodes: set[str], feeds: dict | None = None,
+                  tolerance: float = FP16_DRIFT_TOLERANCE) -> dict:
+    """How far FP16 moves the network on sample inputs (see the module docstring):
+    ``{"tolerance", "outputs": {graph output: relative drift}, "kernels": {kernel: relative
+    drift} (graph order), "first": the kernel where the drift first passes the tolerance
+    (else the one that drifts most), or None when every output is within it}``. The relative
+    drift of a tensor is max |FP16 - float32| / max |float32| (inf where FP16 gives
+    non-finite values). Empty when the graph cannot be measured
+    (control flow, or ONNX Runtime refuses it): no measurement is no finding."""
+    wanted = kernel_outputs(graph, cpu_nodes)
+    if not wanted:
+        return {}
+    m = skeleton(model)
+    if _has_subgraph(m):
+        return {}
+    feeds = feeds or sample_feeds(model)
+    types = {vi.name: vi.type.tensor_type.elem_type
+             for vi in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input)}
+    graph_outputs = [o.name for o in m.graph.output]
+    outs = _add_twin(m, set(wanted.values()), types, cpu_nodes)
+    try:
+        weights = weights_as_inputs(m, model)
+        sess = _session(m)
+        names = [o.name for o in sess.get_outputs()]
+        vals = dict(zip(names, sess.run(None, {**feeds, **weights})))
+        del sess, weights
+    except Exception:  # noqa: BLE001 - no measurement is no finding, never a failed compile
+        return {}
+
+    def rel(t: str) -> float:
+        d, a = float(vals[outs[t][0]]), float(vals[outs[t][1]])
+        if not np.isfinite(d) or not np.isfinite(a):
+            return float("inf")
+        return d / a if a > 0 else (0.0 if d == 0 else float("inf"))
+
+    kernels = {k: rel(t) for k, t in wanted.items() if t in outs}
+    outputs = {t: rel(t) for t in graph_outputs if t in outs}
+    first = None
+    if any(v > tolerance for v in outputs.values()) and kernels:
+        first = next((k for k, v in kernels.items() if v > tolerance),
+                     max(kernels, key=kernels.get))
+    return {"tolerance": tolerance, "outputs": outputs, "kernels": kernels, "first": first}

@@ -103,6 +103,20 @@ def _warn_fp16(report: dict) -> None:
           f"quantize it.", file=sys.stderr)
 
 
+def _warn_drift(report: dict) -> None:
+    """Say, at compile time, that FP16 moves the network's outputs past the bound."""
+    import sys
+    d = report.get("fp16_drift") or {}
+    if not d.get("exceeded"):
+        return
+    out, worst = max(d["outputs"].items(), key=lambda kv: kv[1])
+    print(f"WARNING: FP16 drift: with every NPU kernel's output in FP16, output {out} moves by "
+          f"{worst:.2g} of its range on the sample inputs (bound {d['tolerance']:g}); the drift "
+          f"first passes the bound at {d['first']}. Fix: check the accuracy on real data before "
+          f"deploying in FP16 (dopt deploy's accuracy gate), or keep the layers from "
+          f"{d['first']} on on the CPU in FP32.", file=sys.stderr)
+
+
 def run_precheck(a) -> int:
     from .compiler import analyze
     from .costmodel import estimate
@@ -131,6 +145,7 @@ def run_precheck(a) -> int:
         om = None
     if report["fp16_range"]:
         _warn_fp16(report)
+    _warn_drift(report)
     report["model"] = a.model
     report["estimate"] = {"label": est["label"], "summary": est["summary"]}
     dest = a.check_report or "check_report.json"
@@ -249,6 +264,7 @@ def run_compile(a) -> int:
     print(render_text(report))
     if report["fp16_range"]:
         _warn_fp16(report)
+    _warn_drift(report)
     for line in log_lines(om):
         print(line)
     omfile.write_om(dest, om)

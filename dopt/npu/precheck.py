@@ -9,9 +9,10 @@ from .rules import CPU, DEGRADED, FUSED, NPU, Context, Outcome, evaluate, runs_i
 
 
 def precheck(graph: IRGraph, profile: HardwareProfile, int8_nodes=(), *,
-             fp16_ranges: dict | None = None) -> dict:
-    """``fp16_ranges``: measured kernel outputs (``fp16range.measure``) for the FP16 rule."""
-    ctx = Context(graph, profile, frozenset(int8_nodes), fp16_ranges or {})
+             fp16_ranges: dict | None = None, fp16_drift: dict | None = None) -> dict:
+    """``fp16_ranges``: measured kernel outputs (``fp16range.measure``) for the FP16 range
+    rule; ``fp16_drift``: ``fp16range.measure_drift``'s result for the FP16 drift rule."""
+    ctx = Context(graph, profile, frozenset(int8_nodes), fp16_ranges or {}, fp16_drift or {})
     nodes = []
     for n in graph.nodes:
         outcome, findings = evaluate(n, ctx)
@@ -23,9 +24,20 @@ def precheck(graph: IRGraph, profile: HardwareProfile, int8_nodes=(), *,
             if f["rule"] == "fp16_range"]
     return {"profile": profile.stamp(), "nodes": nodes, "op_types": _by_op_type(nodes),
             "fp16_range": fp16,
+            "fp16_drift": _drift_summary(fp16_drift),
             "partitions": _partitions(graph, nodes),
             "summary": {o.value: sum(1 for x in nodes if x["outcome"] == o)
                         for o in reversed(Outcome)}}
+
+
+def _drift_summary(d: dict | None) -> dict | None:
+    """The report's view of the drift measurement: the outputs, the bound, the named kernel
+    and the ten kernels that drift most (the whole table stays out of the JSON)."""
+    if not d:
+        return None
+    top = sorted(d["kernels"].items(), key=lambda kv: -kv[1])[:10]
+    return {"tolerance": d["tolerance"], "outputs": d["outputs"], "first": d["first"],
+            "exceeded": d["first"] is not None, "most_drift": dict(top)}
 
 
 def _by_op_type(nodes: list[dict]) -> list[dict]:

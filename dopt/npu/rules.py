@@ -19,7 +19,7 @@ from enum import Enum
 
 from ..errors import DoptError, run_cli
 from ..formats.fileio import existing_file
-from ..quant.numerics import FP16_MAX, FP16_MIN_NORMAL
+from ..quant.numerics import FP16_DRIFT_TOLERANCE, FP16_MAX, FP16_MIN_NORMAL
 from .fp16range import detail as fp16_detail
 from .fp16range import problem as fp16_problem
 from .lower import IRGraph, IRNode
@@ -101,6 +101,7 @@ class Context:
     profile: HardwareProfile
     int8_nodes: frozenset = frozenset()
     fp16_ranges: dict = field(default_factory=dict)   # kernel -> measured output (fp16range)
+    fp16_drift: dict = field(default_factory=dict)    # fp16range.measure_drift's result
 
 
 class _Unfilled(dict):
@@ -117,6 +118,7 @@ def profile_facts(profile: HardwareProfile) -> dict:
     facts["shape_only_ops"] = ", ".join(n for n in profile.operators if profile.is_shape_only(n))
     facts["fp16_max"] = f"{FP16_MAX:g}"
     facts["fp16_min_normal"] = f"{FP16_MIN_NORMAL:.2g}"
+    facts["fp16_drift_tolerance"] = f"{FP16_DRIFT_TOLERANCE:g}"
     return facts
 
 
@@ -323,6 +325,25 @@ def fp16_range(n: IRNode, ctx: Context) -> Failed | None:
                     + " on the sample inputs" + fp16_detail(info), kind=kind,
                     tensor=info["tensor"], range=[info["min"], info["max"]], amax=info["amax"],
                     **extra)
+
+
+@rule(DEGRADED, hint="check the accuracy on real data before deploying in FP16 (the accuracy gate of "
+                    "dopt deploy measures it), or keep this layer and the ones after it on "
+                    "the CPU in FP32 (exclude them from the NPU)")
+def fp16_drift(n: IRNode, ctx: Context) -> Failed | None:
+    """The network's outputs must stay within {fp16_drift_tolerance} of their range (max
+    |FP16 - FP32| / max |FP32|) when every NPU kernel rounds its output to FP16; where they do
+    not, the kernel at which the drift first passes that bound is named. Measured by running
+    the graph on sample inputs in float32 and, beside it, with FP16 kernel outputs."""
+    d = ctx.fp16_drift
+    if not d or d.get("first") != n.name:
+        return None
+    out, worst = max(d["outputs"].items(), key=lambda kv: kv[1])
+    here = d["kernels"].get(n.name, 0.0)
+    return fail(f"FP16 drift: with every NPU kernel's output in FP16, the network output {out} "
+                f"moves by {worst:.2g} of its range on the sample inputs (bound "
+                f"{d['tolerance']:g}); the drift first passes the bound here ({here:.2g})",
+                output=out, drift=worst, drift_here=here, tolerance=d["tolerance"])
 
 
 def evaluate(n: IRNode, ctx: Context) -> tuple[Outcome, list[Finding]]:

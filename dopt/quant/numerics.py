@@ -23,6 +23,10 @@ ACT_LEVELS = ACT_QMAX - ACT_QMIN  # 255 steps between qmin and qmax
 MIN_SCALE = 1e-8  # floor for a degenerate (all-zero) activation range
 FP16_MAX = 65504.0              # largest finite IEEE half: beyond it an FP16 op gives inf
 FP16_MIN_NORMAL = 2.0 ** -14    # smallest normal half (6.1e-5): below it precision drains away
+# a network output that FP16 moves by more than this share of its range (max |FP16 - FP32| /
+# max |FP32|) no longer stands for the float model: the compatibility bar and the
+# ``fp16_drift`` rule both read it
+FP16_DRIFT_TOLERANCE = 2e-2
 # a weight channel with max|w| below this is a zero channel (scale 1.0, all w_q = 0): its
 # scale would fall under the parameter file's 1e-12 floor and it contributes nothing
 W_ZERO_AMAX = 127 * 1e-12

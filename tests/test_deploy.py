@@ -178,6 +178,11 @@ def test_deploy_passes_and_writes_everything(passed):
     assert r["agreement"] is not None and r["agreement"] >= 90
     assert r["latency_ms"]["deployed"] > 0 and r["latency_ms"]["fp16"] > 0
     assert rep["quantization"]["int8_layers"] == ["conv2", "conv3", "fc"]
+    # INT8 only where the estimate says it pays (here every layer is faster in INT8)
+    lat = rep["per_layer_latency"]
+    assert rep["quantization"]["fp16_where_int8_is_slower"] == [
+        x["layer"] for x in lat if x["int8_ms"] > x["fp16_ms"]] == []
+    assert all(x["int8_ms"] < x["fp16_ms"] for x in lat if x["in_build"] == "int8")
     assert {g["gate"] for g in rep["gates"]} == {
         "accuracy.max_drop", "agreement.min", "latency.max_ms", "latency.fp16_max_ms",
         "size.max_mb", "memory.max_mb", "placement.max_cpu_nodes"}

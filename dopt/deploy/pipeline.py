@@ -324,6 +324,10 @@ def _run(cfg, so, evaluator, baseline, password, stage: Path, prog: Progress,
     est16, est8 = om16.meta.get("estimate"), om8.meta.get("estimate")
     t16, t8 = per_layer_ms(est16, variants.layers), per_layer_ms(est8, variants.layers)
     extra = {n: max(t16[n] - t8[n], 0.0) for n in variants.layers}
+    # INT8 only where it pays: a layer the estimate gives no gain in INT8 (its Quantize /
+    # Dequantize steps cost more than the narrower arithmetic saves, as on small, launch-bound
+    # layers) stays FP16 whenever mixed precision is on; FP16 is closer to float as well
+    slower = [n for n in variants.layers if t8[n] > t16[n]] if cfg.mixed.enabled else []
     prog.done(fp16_ms=round(_total_ms(est16) or 0, 4), int8_ms=round(_total_ms(est8) or 0, 4))
 
     prog.start("evaluate")
@@ -367,19 +371,22 @@ def _run(cfg, so, evaluator, baseline, password, stage: Path, prog: Progress,
                 row.update(full.get(row["layer"], {}))
         else:
             gain = {n: r["noise_only_int8"] for n, r in sens["layers"].items()}
-        ranking = mixed.rank(variants.layers, gain, extra)
+        ranking = mixed.rank([n for n in variants.layers if n not in slower], gain, extra)
         fp = mixed.fingerprint(qdq_all.SerializeToString(), params_all, cfg.raw.get("evaluation"),
                                max_drop_abs, [r["layer"] for r in ranking], evaluator.samples)
         state = mixed.State(state_path if resume else None, fp)
         if not resume:
             state.path = state_path
 
+        def with_slower(fs):
+            return list(fs) + [n for n in slower if n not in fs]
+
         def evaluate(fs):
-            m, _ = variants.build(fs)
+            m, _ = variants.build(with_slower(fs))
             return evaluator(simulated_predictor(m, batch_size=bs)).value
 
         def on_best(fs, m):
-            doc = variants.params_for(fs)
+            doc = variants.params_for(with_slower(fs))
             best = cfg.output / "work" / "best_quant_param.json"
             best.parent.mkdir(parents=True, exist_ok=True)
             P.write_params(best, doc)
@@ -388,25 +395,39 @@ def _run(cfg, so, evaluator, baseline, password, stage: Path, prog: Progress,
                               max_drop=max_drop_abs,
                               max_evaluations=cfg.mixed.max_evaluations, state=state,
                               base_metric=sim_all.value, log=say, on_best=on_best)
-        float_set = search.float_layers
+        float_set = with_slower(search.float_layers)
         prog.done(fp16_layers=len(float_set), full_evaluations=search.evaluations,
                   cached=search.cached, passed=search.passed)
     else:
         why = ("no accuracy gate" if max_drop_abs is None else
                "mixed_precision.enabled is false" if not cfg.mixed.enabled else
                "INT8 meets max_drop")
-        prog.done(skipped=why)
+        float_set = list(slower)
+        prog.done(skipped=why, fp16_where_int8_is_slower=len(slower))
 
     prog.start("final build")
     qdq, params = variants.build(float_set)
     om_final, rep_final = compile_model(qdq, cfg, params, "quant_param.json")
+    sim = sim_all if not float_set else evaluator(simulated_predictor(qdq, batch_size=bs))
+    trimmed_ms, all8_ms = _total_ms(om_final.meta.get("estimate")) or 0.0, _total_ms(est8) or 0.0
+    lost = (max_drop_abs is not None and float_score.value - sim.value > max_drop_abs
+            and float_score.value - sim_all.value <= max_drop_abs)
+    if search is None and float_set and (trimmed_ms >= all8_ms or lost):
+        # the estimate of the whole build, or the metric, does not bear the per-layer view out
+        why = (f"its estimate {trimmed_ms:.4g} ms is not below all-INT8's {all8_ms:.4g} ms"
+               if trimmed_ms >= all8_ms else
+               f"its drop {float_score.value - sim.value:.4g} exceeds max_drop {max_drop_abs:g}")
+        say(f"      keeping all-INT8: the build with FP16 on the {len(float_set)} layer(s) the "
+            f"estimate gives no INT8 gain is not kept: {why}")
+        float_set, slower, sim = [], [], sim_all
+        qdq, params = variants.build(float_set)
+        om_final, rep_final = compile_model(qdq, cfg, params, "quant_param.json")
     om_path, om16_path = build / "model.om", build / "model_fp16.om"
     omfile.write_om(om_path, om_final)
     omfile.write_om(om16_path, om16)
     P.write_params(build / "quant_param.json", params)
     import onnx
     onnx.save(qdq, str(work / "model_qdq.onnx"))
-    sim = sim_all if not float_set else evaluator(simulated_predictor(qdq, batch_size=bs))
     deployed = evaluator(om_predictor(om_path, batch_size=bs))
     deployed16 = evaluator(om_predictor(om16_path, batch_size=bs))
     est = om_final.meta.get("estimate")
@@ -455,7 +476,7 @@ def _run(cfg, so, evaluator, baseline, password, stage: Path, prog: Progress,
     if search is not None:
         by = {r["layer"]: r for r in search.ranking}
         what = "output noise removed" if cfg.mixed.ranking == "sqnr" else "metric regained"
-        for i, n in enumerate(float_set):
+        for i, n in enumerate(x for x in float_set if x in by):
             r = by[n]
             chosen.append({"layer": n, "rank": i + 1, "gain": r["gain"],
                            "fp16_extra_ms": r["fp16_extra_ms"], "gain_per_ms": r["gain_per_ms"],
@@ -475,6 +496,7 @@ def _run(cfg, so, evaluator, baseline, password, stage: Path, prog: Progress,
                          "calibration_samples": job.num_samples,
                          "int8_layers": [n for n in variants.layers if n not in float_set],
                          "fp16_layers": float_set,
+                         "fp16_where_int8_is_slower": slower,
                          "float_layers_ptq": params_all.get("float_layers") or [],
                          "notes": variants.notes},
         "results": results,

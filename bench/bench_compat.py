@@ -177,7 +177,9 @@ def write_doc(result: dict) -> None:
     text = DOC.read_text(encoding="utf-8")
     begin, end = "<!-- compat:begin -->", "<!-- compat:end -->"
     a, b = text.index(begin) + len(begin), text.index(end)
-    body = (f"\n\n`{result['command']}` on {result['machine']}, {result['date']}.\n\n"
+    reruns = "".join(f"\n`{u['command']}` on {u['machine']}, {u['date']}: re-ran "
+                     f"{', '.join(u['models'])}." for u in result.get("updates", []))
+    body = (f"\n\n`{result['command']}` on {result['machine']}, {result['date']}.{reruns}\n\n"
             + table(result["rows"]) + "\n\n")
     DOC.write_text(text[:a] + body + text[b:], encoding="utf-8")
 
@@ -219,6 +221,17 @@ def main(argv=None) -> int:
     if not a.models and not a.only:
         RESULTS.write_text(json.dumps(result, indent=1))
         write_doc(result)
+    elif a.models and RESULTS.is_file():
+        # a re-run of some networks replaces their rows in the last full result and says so
+        full = json.loads(RESULTS.read_text())
+        new = {(r.get("kind"), r["model"]): r for r in rows}
+        full["rows"] = [new.pop((r.get("kind"), r["model"]), r) for r in full["rows"]] \
+            + list(new.values())
+        full.setdefault("updates", []).append({k: result[k] for k in ("command", "date",
+                                                                       "machine")}
+                                              | {"models": [r["model"] for r in rows]})
+        RESULTS.write_text(json.dumps(full, indent=1))
+        write_doc(full)
     print(table(rows))
     return 0
 

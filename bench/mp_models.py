@@ -230,7 +230,7 @@ def dopt_variant(out: Path, float_set, evaluate: bool = True) -> dict:
     NPU latency and, if asked, its simulated metric (the same PTQ, other precisions)."""
     import onnx
     from dopt.deploy.config import load_config
-    from dopt.deploy.evaluate import ort_predictor
+    from dopt.deploy.evaluate import simulated_predictor
     from dopt.deploy.pipeline import _total_ms, compile_model
     from dopt.deploy.variants import Variants
     from dopt.formats import param_file as P
@@ -249,7 +249,9 @@ def dopt_variant(out: Path, float_set, evaluate: bool = True) -> dict:
         spec = json.loads((out.parent / "metric.json").read_text())
         x = np.load(out.parent / "eval.npy")
         ref = np.load(out.parent / "ref.npy")
-        pred = ort_predictor(qdq.SerializeToString(), optimize=False, batch_size=cfg.evaluation.batch_size)
+        # scored as dopt deploy scores its own builds: the NPU's data types (FP16 between
+        # the Q/DQ pairs)
+        pred = simulated_predictor(qdq, batch_size=cfg.evaluation.batch_size)
         res["simulated_metric"] = metric(spec["metric"], pred(x), ref)[0]
     return res
 

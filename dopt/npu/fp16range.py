@@ -93,6 +93,19 @@ def _session(skel):
     return ort.InferenceSession(skel.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
+def _run(skel, model, feeds: dict) -> dict | None:
+    """Run ``skel`` (a ``prepare.skeleton`` of ``model``, changed for a measurement) with
+    ``model``'s weights fed in place: ``{output name: array}``, or None when ONNX Runtime
+    refuses the graph (no measurement is no finding, never a failed compile)."""
+    try:
+        weights = weights_as_inputs(skel, model)
+        sess = _session(skel)
+        names = [o.name for o in sess.get_outputs()]
+        return dict(zip(names, sess.run(None, {**feeds, **weights})))
+    except Exception:  # noqa: BLE001 - see the docstring
+        return None
+
+
 def _add_statistics(m, tensors: list[str], types: dict) -> dict[str, tuple[str, str, str]]:
     """Graph outputs with each tensor's largest and smallest finite value (non-finite
     values counted as 0, which the statistics include anyway) and its count of inf/NaN:
@@ -162,13 +175,8 @@ def measure(model, graph: IRGraph, cpu_nodes: set[str], feeds: dict | None = Non
         if t not in have:
             m.graph.output.append(helper.make_tensor_value_info(t, types.get(t, 1), None))
     stat_names = _add_statistics(m, reduced, types)
-    try:
-        weights = weights_as_inputs(m, model)
-        sess = _session(m)
-        names = [o.name for o in sess.get_outputs()]
-        vals = dict(zip(names, sess.run(None, {**feeds, **weights})))
-        del sess, weights
-    except Exception:  # noqa: BLE001 - no measurement is no finding, never a failed compile
+    vals = _run(m, model, feeds)
+    if vals is None:
         return {}
     stats = {}
     for t in whole:
@@ -322,13 +330,8 @@ def measure_drift(model, graph: IRGraph, cpu_nodes: set[str], feeds: dict | None
              for vi in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input)}
     graph_outputs = [o.name for o in m.graph.output]
     outs = _add_twin(m, set(wanted.values()), types, cpu_nodes)
-    try:
-        weights = weights_as_inputs(m, model)
-        sess = _session(m)
-        names = [o.name for o in sess.get_outputs()]
-        vals = dict(zip(names, sess.run(None, {**feeds, **weights})))
-        del sess, weights
-    except Exception:  # noqa: BLE001 - no measurement is no finding, never a failed compile
+    vals = _run(m, model, feeds)
+    if vals is None:
         return {}
 
     def rel(t: str) -> float:

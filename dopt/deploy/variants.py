@@ -40,7 +40,8 @@ class Variants:
         self.base, self.params = base, params
         self.layers = list(params["layers"])          # INT8 layers, graph order of the file
         self.notes: list[str] = []
-        f_inits = {i.name: numpy_helper.to_array(i) for i in float_model.graph.initializer}
+        f_inits = _float_constants(float_model)
+        f_nodes = {n.name: n for n in float_model.graph.node}
         b_inits = {i.name: i for i in base.graph.initializer}
         nodes = {n.name: n for n in base.graph.node}
         self._restore: dict[str, list] = {}
@@ -57,9 +58,11 @@ class Variants:
                 orig = f_inits.get(t)
                 if equalized:
                     continue        # CLE scaled producer and consumer together: keep both
+                fn = f_nodes.get(name)
                 if orig is not None and orig.shape == have.shape:
                     todo.append((t, orig))
-                elif pos == 2 and orig is None:
+                elif (pos == 2 and orig is None and fn is not None and fn.op_type == n.op_type
+                      and (len(fn.input) < 3 or not fn.input[2])):
                     todo.append((t, np.zeros_like(have)))   # a bias that correction added
             self._restore[name] = todo
         if equalized:
@@ -92,3 +95,16 @@ class Variants:
         from ..formats.qdq import build_qdq
         doc = self.params_for(float_set)
         return build_qdq(self.float_graph(float_set), doc), doc
+
+
+def _float_constants(model) -> dict[str, np.ndarray]:
+    """The float model's weights by tensor name: initializers, and the outputs of
+    ``Constant`` nodes (exporters such as paddle2onnx store every weight that way)."""
+    from onnx import numpy_helper
+    out = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.output:
+            for a in n.attribute:
+                if a.name == "value" and a.HasField("t"):
+                    out.setdefault(n.output[0], numpy_helper.to_array(a.t))
+    return out

@@ -194,6 +194,65 @@ def ort_session(path_or_bytes, *, optimize: bool = False, threads: int = 0):
 _NO_ROUNDING = ("QuantizeLinear", "DequantizeLinear", "Shape", "Size", "Constant")
 
 
+def _bn_as_scale_shift(m) -> tuple[set[str], set[str]]:
+    """Rewrite each inference BatchNormalization as ``x * k + shift`` with ``k = gamma /
+    sqrt(var + eps)`` and ``shift = beta - mean * k`` computed in float32, as the compiler
+    folds it: its statistics are never NPU values (a running variance of 1e7 is fine there;
+    rounded to FP16 on its own it is inf). Behind a Conv whose only reader it is, the BN is
+    part of the convolution's kernel (``dopt.npu.lower`` fuses it): the convolution's output
+    and ``x * k`` are not rounded and ``k``, ``shift`` stay float32, as in the compiler's
+    float32 folding. Returns (tensors not to round, initializers not to round)."""
+    onnx, numpy_helper = _onnx()
+    from onnx import helper
+    inits = {i.name: i for i in m.graph.initializer}
+    producer = {o: n for n in m.graph.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in m.graph.node:
+        for t in n.input:
+            readers[t] = readers.get(t, 0) + 1
+    outputs = {o.name for o in m.graph.output}
+    if not any(n.op_type == "BatchNormalization" for n in m.graph.node):
+        return set(), set()
+    rank = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in
+            list(onnx.shape_inference.infer_shapes(m).graph.value_info) + list(m.graph.input)
+            if vi.type.tensor_type.HasField("shape")}
+    unrounded: set[str] = set()
+    keep: set[str] = set()
+    new_nodes, new_inits = [], []
+    for n in m.graph.node:
+        if (n.op_type != "BatchNormalization" or len(n.input) < 5
+                or len([o for o in n.output if o]) != 1
+                or not all(t in inits for t in n.input[1:5])):
+            new_nodes.append(n)
+            continue
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[t]).astype(np.float32)
+                                  for t in n.input[1:5])
+        eps = np.float32(next((a.f for a in n.attribute if a.name == "epsilon"), 1e-5))
+        kk = (gamma / np.sqrt(var + eps)).astype(np.float32)
+        shift = (beta - mean * kk).astype(np.float32)
+        src = producer.get(n.input[0])
+        fused = (src is not None and src.op_type == "Conv" and readers.get(n.input[0]) == 1
+                 and n.input[0] not in outputs)
+        bshape = (kk.size,) + (1,) * max(rank.get(n.input[0], 4) - 2, 0)
+        kn, sn, mid = f"{n.name}/k", f"{n.name}/shift", f"{n.output[0]}/scaled"
+        new_inits += [numpy_helper.from_array(kk.reshape(bshape), kn),
+                      numpy_helper.from_array(shift.reshape(bshape), sn)]
+        new_nodes += [helper.make_node("Mul", [n.input[0], kn], [mid], name=f"{n.name}/mul"),
+                      helper.make_node("Add", [mid, sn], [n.output[0]], name=f"{n.name}/add")]
+        unrounded.add(mid)
+        if fused:
+            unrounded.add(n.input[0])
+            keep.update((kn, sn))
+    if new_inits:
+        del m.graph.node[:]
+        m.graph.node.extend(new_nodes)
+        used = {t for n in m.graph.node for t in n.input}
+        kept = [i for i in m.graph.initializer if i.name in used]
+        del m.graph.initializer[:]
+        m.graph.initializer.extend(kept + new_inits)
+    return unrounded, keep
+
+
 def with_npu_data_types(model):
     """The QDQ model as the NPU computes it: graph inputs, float weights (of the layers left
     float) and the output of every float op rounded to FP16 (a Cast pair), the Q/DQ pairs
@@ -206,6 +265,7 @@ def with_npu_data_types(model):
     from onnx import TensorProto, helper
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    unrounded, keep_f32 = _bn_as_scale_shift(m)
     types = {vi.name: vi.type.tensor_type.elem_type for vi in
              list(onnx.shape_inference.infer_shapes(m).graph.value_info) + list(m.graph.output)
              + list(m.graph.input)}
@@ -226,7 +286,8 @@ def with_npu_data_types(model):
         for j, t in enumerate(n.input):
             if t in renamed:
                 n.input[j] = renamed[t]
-        outs = [t for t in n.output if t and types.get(t) == TensorProto.FLOAT]
+        outs = [t for t in n.output if t and types.get(t) == TensorProto.FLOAT
+                and t not in unrounded]
         if n.op_type in _NO_ROUNDING or not outs:
             nodes.append(n)
             continue
@@ -241,7 +302,8 @@ def with_npu_data_types(model):
     qdq_inputs = {t for n in m.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
                   for t in n.input}
     for i, init in enumerate(m.graph.initializer):
-        if init.data_type == TensorProto.FLOAT and init.name not in qdq_inputs:
+        if (init.data_type == TensorProto.FLOAT and init.name not in qdq_inputs
+                and init.name not in keep_f32):
             a = numpy_helper.to_array(init)
             m.graph.initializer[i].CopyFrom(numpy_helper.from_array(
                 a.astype(np.float16).astype(np.float32), init.name))

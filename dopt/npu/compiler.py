@@ -155,12 +155,35 @@ class _Builder:
 
     def _generic(self, n: IRNode, device: str, removed: bool = False):
         node = self.onnx_nodes[n.name]
-        inputs = [self._const(x, device) if x in self.inits else x for x in node.input]
+        attrs = self._attrs(node)
+        if (node.op_type == "BatchNormalization" and device == Device.NPU
+                and len(node.input) >= 5 and all(x in self.inits for x in node.input[1:5])):
+            inputs, attrs = self._bn_scale_shift(n, node, attrs)
+        else:
+            inputs = [self._const(x, device) if x in self.inits else x for x in node.input]
         self._emit(name=n.name, op=n.op, onnx_op=n.onnx_op, domain=node.domain,
                    device=device, precision="fp32" if device == Device.CPU else "fp16",
                    inputs=inputs, outputs=list(node.output),
-                   out_dtypes=self._out_dtypes(node.output), attrs=self._attrs(node),
+                   out_dtypes=self._out_dtypes(node.output), attrs=attrs,
                    removed=removed)
+
+    def _bn_scale_shift(self, n: IRNode, node, attrs: dict):
+        """A BatchNormalization the NPU runs on its own holds a scale and a shift folded in
+        float32 (``k = gamma / sqrt(var + eps)``, ``shift = beta - mean * k``), not the
+        running statistics: a variance of 1e7 is inf in FP16. Written as BN with mean 0,
+        variance 1 and epsilon 0, so the kernel computes ``x * k + shift``."""
+        gamma, beta, mean, var = (self.inits[x].astype(np.float32) for x in node.input[1:5])
+        eps = np.float32(attrs.get("epsilon", {}).get("value", 1e-5))
+        k = (gamma / np.sqrt(var + eps)).astype(np.float32)
+        shift = (beta - mean * k).astype(np.float32)
+        ins = [node.input[0],
+               self._new_tensor(f"{n.name}.scale", k.astype(self.wdt)),
+               self._new_tensor(f"{n.name}.shift", shift.astype(self.wdt)),
+               self._new_tensor(f"{n.name}.mean", np.zeros_like(k, dtype=self.wdt)),
+               self._new_tensor(f"{n.name}.var", np.ones_like(k, dtype=self.wdt))]
+        attrs = dict(attrs)
+        attrs["epsilon"] = {"kind": "float", "value": 0.0}
+        return ins, attrs
 
     def _fold(self, n: IRNode, w: np.ndarray, b: np.ndarray, axis_len: int):
         """Conv + BN / Scale / BiasAdd in float32: returns (w, b, |k| per channel, fused)."""

@@ -304,6 +304,16 @@ def test_ranking_is_gain_per_ms():
     assert [x["layer"] for x in r] == ["c", "b", "a"]    # c: free to keep FP16
 
 
+def test_repair_spends_no_more_than_the_trim_saved():
+    # layers kept FP16 to restore accuracy must not cost what the FP16 trim saved
+    r = mixed.rank(["a", "b", "c", "d"], {"a": 8.0, "b": 3.0, "c": 2.0, "d": 1.0},
+                   {"a": 0.0, "b": 0.3, "c": 0.4, "d": 0.1})
+    assert [x["layer"] for x in r] == ["a", "b", "d", "c"]
+    assert [x["layer"] for x in mixed.affordable(r, 0.45)] == ["a", "b", "d"]
+    assert [x["layer"] for x in mixed.affordable(r, 0.4)] == ["a", "b"]    # 0.4 is not below
+    assert mixed.affordable(r, 0.0) == []
+
+
 def test_sensitivity_command(tmp_path, capsys):
     from dopt.deploy.cli import sensitivity_main
     cfg = make_project(tmp_path, n_eval=120)

@@ -51,6 +51,19 @@ def rank(layers: list[str], gain: dict[str, float], cost_ms: dict[str, float]) -
     return rows
 
 
+def affordable(ranking: list[dict], saving_ms: float) -> list[dict]:
+    """The longest prefix of ``ranking`` whose FP16 costs add up to less than ``saving_ms``:
+    when FP16 layers were chosen to make a build faster, the layers added back to restore
+    accuracy must not spend more than those layers saved."""
+    out, spent = [], 0.0
+    for r in ranking:
+        spent += max(r["fp16_extra_ms"], 0.0)
+        if spent >= saving_ms:
+            break
+        out.append(r)
+    return out
+
+
 class State:
     """Evaluations by float set, tied to one search problem by a fingerprint."""
 

@@ -363,7 +363,11 @@ def _run(cfg, so, evaluator, baseline, password, stage: Path, prog: Progress,
     prog.start("mixed precision")
     search = None
     float_set: list[str] = []
-    if need_mixed and sens is not None:
+
+    def with_slower(fs):
+        return list(fs) + [n for n in slower if n not in fs]
+
+    def run_search(layers, base_metric, tag):
         if cfg.mixed.ranking == "metric":
             full = S.full(variants, evaluator, batch_size=bs, log=say)
             gain = {n: full[n]["metric_only_float"] - sim_all.value for n in full}
@@ -371,15 +375,15 @@ def _run(cfg, so, evaluator, baseline, password, stage: Path, prog: Progress,
                 row.update(full.get(row["layer"], {}))
         else:
             gain = {n: r["noise_only_int8"] for n, r in sens["layers"].items()}
-        ranking = mixed.rank([n for n in variants.layers if n not in slower], gain, extra)
+        ranking = mixed.rank(layers, gain, extra)
+        if tag == "repair":   # only the prefixes whose FP16 cost the trim's saving can pay
+            ranking = mixed.affordable(ranking, all8_ms - trim_ms)
         fp = mixed.fingerprint(qdq_all.SerializeToString(), params_all, cfg.raw.get("evaluation"),
-                               max_drop_abs, [r["layer"] for r in ranking], evaluator.samples)
+                               max_drop_abs, [r["layer"] for r in ranking], evaluator.samples,
+                               sorted(slower), tag)
         state = mixed.State(state_path if resume else None, fp)
         if not resume:
             state.path = state_path
-
-        def with_slower(fs):
-            return list(fs) + [n for n in slower if n not in fs]
 
         def evaluate(fs):
             m, _ = variants.build(with_slower(fs))
@@ -391,10 +395,16 @@ def _run(cfg, so, evaluator, baseline, password, stage: Path, prog: Progress,
             best.parent.mkdir(parents=True, exist_ok=True)
             P.write_params(best, doc)
 
-        search = mixed.search(ranking, evaluate, float_metric=float_score.value,
-                              max_drop=max_drop_abs,
-                              max_evaluations=cfg.mixed.max_evaluations, state=state,
-                              base_metric=sim_all.value, log=say, on_best=on_best)
+        return mixed.search(ranking, evaluate, float_metric=float_score.value,
+                            max_drop=max_drop_abs, max_evaluations=cfg.mixed.max_evaluations,
+                            state=state, base_metric=base_metric, log=say, on_best=on_best)
+
+    all8_ms = _total_ms(est8) or 0.0
+    trim_ms = all8_ms
+    trim_sim = None
+    if need_mixed and sens is not None:
+        search = run_search([n for n in variants.layers if n not in slower], sim_all.value,
+                            "accuracy")
         float_set = with_slower(search.float_layers)
         prog.done(fp16_layers=len(float_set), full_evaluations=search.evaluations,
                   cached=search.cached, passed=search.passed)
@@ -403,16 +413,37 @@ def _run(cfg, so, evaluator, baseline, password, stage: Path, prog: Progress,
                "mixed_precision.enabled is false" if not cfg.mixed.enabled else
                "INT8 meets max_drop")
         float_set = list(slower)
-        prog.done(skipped=why, fp16_where_int8_is_slower=len(slower))
+        if slower and max_drop_abs is not None and sens is not None:
+            # INT8 meets the budget, but the trimmed build (slower layers FP16) may not: then
+            # the layers that regain the most accuracy per ms join it, as long as the whole
+            # build stays below all-INT8's estimate (else the final build keeps all-INT8)
+            q_trim, p_trim = variants.build(slower)
+            trim_ms = _total_ms(compile_model(q_trim, cfg, p_trim, "quant_param.json")[0]
+                                .meta.get("estimate")) or all8_ms
+            trim_sim = evaluator(simulated_predictor(q_trim, batch_size=bs))
+            if trim_ms < all8_ms and float_score.value - trim_sim.value > max_drop_abs:
+                say(f"      FP16 where INT8 is slower ({len(slower)} layer(s), {trim_ms:.4g} ms "
+                    f"against all-INT8's {all8_ms:.4g} ms) drops "
+                    f"{float_score.value - trim_sim.value:.4g} > {max_drop_abs:g}: "
+                    f"looking for layers that restore it within the saving")
+                search = run_search([n for n in variants.layers if n not in slower],
+                                    trim_sim.value, "repair")
+                if search.passed:
+                    float_set = with_slower(search.float_layers)
+                    trim_sim = None
+        prog.done(skipped=why, fp16_where_int8_is_slower=len(slower),
+                  **({} if search is None else {"repair_evaluations": search.evaluations,
+                                                 "repair_passed": search.passed}))
 
     prog.start("final build")
     qdq, params = variants.build(float_set)
     om_final, rep_final = compile_model(qdq, cfg, params, "quant_param.json")
-    sim = sim_all if not float_set else evaluator(simulated_predictor(qdq, batch_size=bs))
-    trimmed_ms, all8_ms = _total_ms(om_final.meta.get("estimate")) or 0.0, _total_ms(est8) or 0.0
+    sim = (sim_all if not float_set else trim_sim if trim_sim is not None and
+           float_set == list(slower) else evaluator(simulated_predictor(qdq, batch_size=bs)))
+    trimmed_ms = _total_ms(om_final.meta.get("estimate")) or 0.0
     lost = (max_drop_abs is not None and float_score.value - sim.value > max_drop_abs
             and float_score.value - sim_all.value <= max_drop_abs)
-    if search is None and float_set and (trimmed_ms >= all8_ms or lost):
+    if (search is None or not need_mixed) and float_set and (trimmed_ms >= all8_ms or lost):
         # the estimate of the whole build, or the metric, does not bear the per-layer view out
         why = (f"its estimate {trimmed_ms:.4g} ms is not below all-INT8's {all8_ms:.4g} ms"
                if trimmed_ms >= all8_ms else
@@ -502,6 +533,8 @@ def _run(cfg, so, evaluator, baseline, password, stage: Path, prog: Progress,
         "results": results,
         "gates": gate_rows,
         "mixed_precision": None if search is None else {
+            "purpose": ("bring the drop within max_drop" if need_mixed else
+                        "restore the drop of the build with FP16 where INT8 is slower"),
             "max_drop": max_drop_abs, "ranking": cfg.mixed.ranking,
             "full_evaluations": search.evaluations, "cached_evaluations": search.cached,
             "budget": cfg.mixed.max_evaluations, "budget_exhausted": search.budget_exhausted,

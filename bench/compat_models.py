@@ -90,6 +90,13 @@ def build_torchvision(name: str, seed: int = 0, bn_batches: int = 4, batch: int 
         else {}
     m = models.get_model(name, weights=None, **kw)
     size = INPUT_SIZE.get(name, 224)
+    # a weight the architecture initializes to zero (ViT's classification head) makes the
+    # output zero for every input and the comparison empty: give it fan-in-scaled values
+    with torch.no_grad():
+        for mod in m.modules():
+            w = getattr(mod, "weight", None)
+            if isinstance(w, torch.nn.Parameter) and w.dim() >= 2 and not w.any():
+                w.normal_(0.0, w[0].numel() ** -0.5, generator=torch.Generator().manual_seed(seed))
     bns = [x for x in m.modules() if isinstance(x, torch.nn.modules.batchnorm._BatchNorm)]
     if bns:
         for bn in bns:

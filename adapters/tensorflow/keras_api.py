@@ -306,7 +306,10 @@ def _call(layer, *args, **kwargs):
 def _assign_all(dst_vars, src_vars, what: str) -> None:
     if len(dst_vars) != len(src_vars):
         raise DoptError(f"layer '{what}' has {len(src_vars)} weights but its copy has "
-                        f"{len(dst_vars)}", hint="report this as a bug in dopt")
+                        f"{len(dst_vars)}",
+                        hint="the layer creates a different number of weights when rebuilt "
+                             "from its get_config(); make get_config() return every "
+                             "constructor argument that shapes its weights")
     for d, s in zip(dst_vars, src_vars):
         d.assign(s)
 

@@ -17,7 +17,14 @@ from ..errors import DoptError
 
 FUSE_RTOL, FUSE_ATOL = 1e-4, 1e-5
 QDQ_RTOL, QDQ_MEAN_RTOL, QDQ_ATOL = 2e-2, 2.5e-3, 1e-4
-BUG_HINT = "report this as a bug in dopt with the model definition"
+FLOAT_HINT = ("nothing was written. Causes seen: a model not in eval mode or with randomness "
+              "at inference (dropout, noise), an op the exporter translates differently "
+              "(a custom autograd function, an in-place trick, data-dependent control flow): "
+              "rewrite it with standard ops, or export the model without that part")
+QUANT_HINT = ("nothing was written. The float export matched, so a quantized layer computes "
+              "differently once exported: set the layers around the largest difference to "
+              "'float' in the config (dopt sensitivity ranks them), or re-run calibration if "
+              "its ranges were changed after it")
 
 
 def error_ratio(ref, got, rtol, atol, mean_rtol=None) -> float:
@@ -39,7 +46,7 @@ def check_float(ref, got, what="the exported float model") -> None:
     err = error_ratio(ref, got, FUSE_RTOL, FUSE_ATOL)
     if err > 1:
         raise DoptError(f"{what} does not reproduce the trained network (error {err:.2f}x the "
-                        f"tolerance)", hint=BUG_HINT)
+                        f"tolerance)", hint=FLOAT_HINT)
 
 
 def check_quantized(ref, got, what="the QDQ ONNX model") -> None:
@@ -47,4 +54,4 @@ def check_quantized(ref, got, what="the QDQ ONNX model") -> None:
     if err > 1:
         raise DoptError(f"{what} does not reproduce the fake-quant model (error {err:.2f}x the "
                         f"tolerance: max {QDQ_RTOL}, mean {QDQ_MEAN_RTOL} relative)",
-                        hint=BUG_HINT)
+                        hint=QUANT_HINT)

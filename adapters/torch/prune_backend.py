@@ -96,7 +96,7 @@ class TorchPruneBackend:
                  calib_data: Iterable | None = None,
                  eval_fn: Callable[[nn.Module], float] | None = None,
                  ignored_layers: Iterable[str] = (), loss_fn=None, bn_batches: int = BN_BATCHES,
-                 log: Callable[[str], None] | None = None):
+                 depth: bool = False, log: Callable[[str], None] | None = None):
         if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
             model = model.module
         if not isinstance(model, nn.Module):
@@ -124,7 +124,9 @@ class TorchPruneBackend:
                             f"{self.cls_name}", field="ignored_layers",
                             expected="names from model.named_modules()")
         self.ignored = list(ignored_layers)
+        self.depth = bool(depth)
         self.original = {n: module_signature(m) for n, m in model.named_modules()}
+        self.original_types = {n: type(m) for n, m in model.named_modules()}
         self._imp: dict[str, np.ndarray] = {}
         self._groups: list[Group] | None = None
         self._last: tuple | None = None
@@ -185,7 +187,35 @@ class TorchPruneBackend:
                                           members=tuple(members)))
             if self._groups:
                 self._importance(found)
+            if self.depth:
+                self._groups += self._block_groups()
         return list(self._groups)
+
+    def _samples(self, n: int = 4) -> list[torch.Tensor]:
+        """A few input batches: the calibration data's, else seeded normal noise."""
+        dev = _device(self.model)
+        out = []
+        for i, batch in enumerate(self.calib_data or ()):
+            if i >= n:
+                break
+            out.append(first_tensor(batch).to(dev))
+        if not out:
+            g = torch.Generator().manual_seed(0)
+            out = [torch.randn(self.input_shape, generator=g).to(dev)]
+        return out
+
+    def _block_groups(self) -> list[Group]:
+        from .prune_depth import BLOCK, block_influence, find_blocks
+        samples = self._samples()
+        blocks = find_blocks(self.model, samples[0], excluded=self.ignored)
+        infl = block_influence(self.model, list(blocks), samples)
+        out = []
+        for name in blocks:
+            self._imp[BLOCK + name] = np.array([infl[name]], np.float64)
+            out.append(Group(name=BLOCK + name, channels=1, members=(name,), kind="block"))
+        self.log(f"depth pruning: {len(out)} removable residual block(s)"
+                 + (f" ({', '.join(blocks)})" if blocks else ""))
+        return out
 
     def _importance(self, found) -> None:
         tp = self.tp
@@ -237,7 +267,21 @@ class TorchPruneBackend:
     def _prune(self, model: nn.Module, widths) -> None:
         if not widths:
             return
+        from .prune_depth import BLOCK, remove_blocks
         self.groups()
+        blocks = {k for k, g in ((g.name, g) for g in self._groups) if g.kind == "block"}
+        unknown = sorted(k for k in widths if k.startswith(BLOCK) and k not in blocks)
+        if unknown:
+            raise DoptError(f"no removable residual block named {', '.join(unknown)} in "
+                            f"{self.cls_name}", field="widths",
+                            expected=", ".join(sorted(blocks)) or "none (depth=True finds them)")
+        gone = [k[len(BLOCK):] for k in sorted(blocks) if widths.get(k, 1) == 0]
+        widths = {k: v for k, v in widths.items() if not k.startswith(BLOCK)}
+        if widths:
+            self._prune_channels(model, widths)
+        remove_blocks(model, gone)     # after the channels: the graph above saw them whole
+
+    def _prune_channels(self, model: nn.Module, widths) -> None:
         dg = self._graph(model)
         found, _names = self._root_groups(model, dg)
         todo = []
@@ -295,8 +339,11 @@ class TorchPruneBackend:
 
     def save(self, out_dir: Path, name: str = "pruned", builder: str | None = None) -> dict:
         from .prune_save import save_pruned
+        removed = [n for n, m in self.model.named_modules()   # blocks depth pruning took
+                   if type(m) is nn.Identity and self.original_types.get(n, nn.Identity)
+                   is not nn.Identity]
         return save_pruned(self.model, Path(out_dir), name, input_shape=self.input_shape,
-                           original=self.original, builder=builder)
+                           original=self.original, builder=builder, removed=removed)
 
 
 def _width(module: nn.Module) -> int:

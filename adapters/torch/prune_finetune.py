@@ -37,7 +37,7 @@ class TorchPruneJob:
 
     def __init__(self, *, model_spec: str, weights: str | None, user_module, dataset_dir: str,
                  input_shape, batch_size: int, epochs: int, importance: str, ignored,
-                 eval_batches: int | None, seed: int = 0, log=None):
+                 eval_batches: int | None, seed: int = 0, depth: bool = False, log=None):
         from dopt.userpy import build
         self.log = log or (lambda _m: None)
         self.seed = seed
@@ -68,7 +68,7 @@ class TorchPruneJob:
                             field="UserModule.dataset_define")
         self.backend = TorchPruneBackend(
             model, input_shape=input_shape, importance=importance, calib_data=calib,
-            eval_fn=self._metric_of, ignored_layers=ignored,
+            eval_fn=self._metric_of, ignored_layers=ignored, depth=depth,
             loss_fn=lambda logits, y: self.um.loss_func(y, logits), log=self.log)
 
     @staticmethod

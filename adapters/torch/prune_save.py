@@ -57,13 +57,18 @@ def _builder_source(model: nn.Module, builder: str | None) -> tuple[str, str, st
 
 
 def rebuild_source(model: nn.Module, original: dict, builder: str | None, dst_dir: Path,
-                   header: str = "") -> str:
-    """The ``.py`` text that rebuilds ``model`` (pruned) from its unpruned builder."""
+                   header: str = "", removed=()) -> str:
+    """The ``.py`` text that rebuilds ``model`` (pruned) from its unpruned builder;
+    ``removed``: residual blocks depth pruning replaced by ``nn.Identity``."""
     mod, attr, src = _builder_source(model, builder)
     lines = []
+    for name in removed:
+        parent, _, leaf = name.rpartition(".")
+        target = f"model.get_submodule({parent!r})" if parent else "model"
+        lines.append(f"    setattr({target}, {leaf!r}, nn.Identity())  # residual block removed")
     for name, m in model.named_modules():
         sig = module_signature(m)
-        if not name or sig == original.get(name):
+        if not name or sig == original.get(name) or name in removed:
             continue   # unchanged; other resized types are caught by the reload check
         if type(m) not in _CTOR:
             raise DoptError(f"layer {name} ({type(m).__name__}) was resized by pruning and the "
@@ -140,7 +145,7 @@ def _import_file(path: Path):
 
 
 def save_pruned(model: nn.Module, out_dir: Path, name: str, *, input_shape, original: dict,
-                builder: str | None = None, header: str = "") -> dict:
+                builder: str | None = None, header: str = "", removed=()) -> dict:
     """Write ``<name>.py``, ``<name>.pth`` and ``<name>.onnx`` into ``out_dir`` together;
     returns ``{"py", "pth", "onnx"}`` paths."""
     if not name.isidentifier():
@@ -149,7 +154,7 @@ def save_pruned(model: nn.Module, out_dir: Path, name: str, *, input_shape, orig
     out_dir = Path(out_dir)
     model = model.eval()
     example = torch.zeros(tuple(input_shape), device=next(model.parameters()).device)
-    text = rebuild_source(model, original, builder, out_dir, header)
+    text = rebuild_source(model, original, builder, out_dir, header, removed=list(removed))
     with staged_outputs(out_dir) as stage:
         py, pth, onnx_path = (stage / f"{name}{s}" for s in (".py", ".pth", ".onnx"))
         py.write_text(text, encoding="utf-8")

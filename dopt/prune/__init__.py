@@ -18,12 +18,12 @@ from typing import Any, Callable
 
 from ..errors import DoptError
 from .backend import Group, PruneBackend, backend_class
-from .search import DEFAULT_MAX_RATIO, PrunePlan, aligned_widths, choose_widths
+from .search import DEFAULT_MAX_RATIO, PrunePlan, aligned_widths, choose_widths, group_widths
 from .sensitivity import render_text, sensitivity_table, write_sensitivity
 from .target import PruneTarget, check_precision
 
 __all__ = ["prune", "PruneResult", "PruneTarget", "PrunePlan", "PruneBackend", "Group",
-           "aligned_widths", "choose_widths", "sensitivity_table", "write_sensitivity",
+           "aligned_widths", "group_widths", "choose_widths", "sensitivity_table", "write_sensitivity",
            "render_text", "backend_class"]
 
 
@@ -66,7 +66,8 @@ def prune(model, input_shape, target, *, precision: str = "int8",
           importance: str = "magnitude", calib_data=None,
           eval_fn: Callable[[Any], float] | None = None, sensitivity: bool = False,
           ignored_layers=(), max_ratio: float = DEFAULT_MAX_RATIO, profile="kirin9000",
-          log: Callable[[str], None] | None = None, **backend_options) -> PruneResult:
+          depth: bool = False, log: Callable[[str], None] | None = None,
+          **backend_options) -> PruneResult:
     """Prune ``model`` in place to meet ``target`` on the emulated NPU.
 
     ``input_shape``: the deployed input with the batch first, e.g. ``(1, 3, 224, 224)``.
@@ -75,7 +76,9 @@ def prune(model, input_shape, target, *, precision: str = "int8",
     ``importance``: the library's channel criterion (``magnitude``, ``taylor``,
     ``bn_scale``). ``calib_data``: batches for BatchNorm recalibration (and Taylor's
     gradients). ``sensitivity=True`` measures the per-group table with ``eval_fn(model)``
-    and lets it weigh the groups.
+    and lets it weigh the groups. ``depth=True`` also lets whole residual blocks
+    (``y = x + f(x)``, same shape in and out) go, which removes their kernels: on small,
+    launch-bound networks that is what lowers the estimate, not channels.
     """
     from .. import plugin_manager
     from ..npu.profile import HardwareProfile, load_profile
@@ -86,7 +89,7 @@ def prune(model, input_shape, target, *, precision: str = "int8",
     cls = backend_class(adapter)
     backend = cls(model, input_shape=input_shape, importance=importance,
                   calib_data=calib_data, eval_fn=eval_fn, ignored_layers=ignored_layers,
-                  log=log, **backend_options)
+                  log=log, **({"depth": True} if depth else {}), **backend_options)
     table = None
     if sensitivity:
         table = sensitivity_table(backend, prof.channel_block(precision == "int8"),

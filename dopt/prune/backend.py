@@ -17,11 +17,16 @@ from ..errors import DoptError
 @dataclass(frozen=True)
 class Group:
     """Channels that must be removed together: ``channels`` is their current count,
-    ``members`` the layers whose input or output dimension they are (for reports)."""
+    ``members`` the layers whose input or output dimension they are (for reports).
+
+    ``kind="block"``: a whole residual block ``y = x + f(x)`` that can be removed (depth
+    pruning); ``channels`` is 1 and a width of 0 removes it. Its importance is one value,
+    the share of the block's output that ``f`` contributes on sample data."""
 
     name: str
     channels: int
     members: tuple[str, ...] = field(default=())
+    kind: str = "channels"
 
 
 #: ``{group name: channels kept}``; a group left out keeps all its channels.
@@ -35,7 +40,8 @@ class PruneBackend(Protocol):
 
     def groups(self) -> list[Group]:
         """The prunable channel groups of the model as it is now (its output layers and the
-        layers the user excluded are not prunable)."""
+        layers the user excluded are not prunable), then, when the backend was asked for
+        depth pruning, its removable residual blocks (``kind="block"``)."""
 
     def importance(self, name: str) -> Any:
         """Per-channel importance of group ``name`` (a 1-D array of ``channels`` floats

@@ -33,6 +33,13 @@ DEFAULT_MAX_RATIO = 0.75
 EPS = 1e-9
 
 
+def group_widths(g: Group, block: int, max_ratio: float = DEFAULT_MAX_RATIO) -> list[int]:
+    """Widths group ``g`` may take, largest first: a residual block is kept or removed."""
+    if g.kind == "block":
+        return [1, 0]
+    return aligned_widths(g.channels, block, max_ratio)
+
+
 def aligned_widths(channels: int, block: int, max_ratio: float = DEFAULT_MAX_RATIO) -> list[int]:
     """Widths a group of ``channels`` may take, largest first: the count itself, then the
     multiples of ``block`` below it, down to one block and no fewer than
@@ -116,6 +123,9 @@ def _risk_fn(backend: PruneBackend, groups: list[Group], sensitivity: dict | Non
         if imp.size != g.channels or not np.all(np.isfinite(imp)):
             raise DoptError(f"the importance of channel group {g.name} is not {g.channels} "
                             f"finite values", hint="use another importance criterion")
+        if g.kind == "block":      # the share of the output the block contributes
+            removed[g.name] = np.array([0.0, float(np.clip(imp[0], 0.0, 1.0))])
+            continue
         s = np.sort(np.maximum(imp, 0))
         total = float(s.sum()) or 1.0
         removed[g.name] = np.concatenate([[0.0], np.cumsum(s) / total])  # by channels removed
@@ -151,7 +161,7 @@ def choose_widths(backend: PruneBackend, target: PruneTarget, profile, *,
                         hint="structured pruning removes convolution output channels; a model "
                              "whose every convolution feeds the output (or is excluded) cannot "
                              "be pruned")
-    options = {g.name: aligned_widths(g.channels, block, max_ratio) for g in groups}
+    options = {g.name: group_widths(g, block, max_ratio) for g in groups}
     by_name = {g.name: g for g in groups}
     movable = [g for g in groups if len(options[g.name]) > 1]
     risk = _risk_fn(backend, groups, sensitivity)
@@ -205,7 +215,9 @@ def choose_widths(backend: PruneBackend, target: PruneTarget, profile, *,
             name, gain, nxt, m = found
             steps.append({"group": name, "from": widths[name], "to": nxt,
                           "saved": gain, metric: m[metric]})
-            log(f"step {len(steps)}: {name} {widths[name]} -> {nxt} channels, "
+            what = ("removed" if by_name[name].kind == "block" else
+                    f"{widths[name]} -> {nxt} channels")
+            log(f"step {len(steps)}: {name} {what}, "
                 f"{metric} {current[metric]:.6g} -> {m[metric]:.6g}")
             widths[name] = nxt
             level[name] += 1
@@ -224,9 +236,10 @@ def choose_widths(backend: PruneBackend, target: PruneTarget, profile, *,
         after = meter(widths)
         estimates = meter.calls
 
-    table = [{"group": g.name, "channels": g.channels, "kept": widths[g.name],
+    table = [{"group": g.name, "kind": g.kind, "channels": g.channels, "kept": widths[g.name],
               "members": list(g.members),
-              "aligned": widths[g.name] % block == 0 or widths[g.name] == g.channels}
+              "aligned": (g.kind == "block" or widths[g.name] % block == 0
+                          or widths[g.name] == g.channels)}
              for g in groups]
     changed = {k: v for k, v in widths.items() if v != full[k]}
     return PrunePlan(target=target.text(), precision=precision, block=block, groups=table,
@@ -272,12 +285,18 @@ def _unreachable(target, metric, goal, before, reached, block, precision, movabl
             f"reaches {reached[metric]:.6g}")
     if metric == "latency":
         n, ms = _launch_floor(profile, backend, widths, work, precision)
+        blocks = [g for g in backend.groups() if g.kind == "block"]
         what += (f"; {n} NPU kernels cost {ms:.4f} ms in launches alone, which channel "
-                 f"pruning cannot remove")
+                 f"pruning cannot remove" +
+                 (f" (with all {len(blocks)} removable residual block(s) removed)"
+                  if blocks and not stuck else ""))
     if metric == "latency":
         best = math.floor(before[metric] / max(reached[metric], EPS) * 1000) / 1000
         hint = (f"ask for at most speedup={best:g} "
                 f"(or target_ms={reached[metric]:.4g}), or raise max_ratio")
+        if not any(g.kind == "block" for g in backend.groups()):
+            hint += (", or let whole residual blocks go (depth=True, dopt prune --depth), "
+                     "which removes their kernels")
     else:
         hint = (f"ask for {target.kind}={reached[metric] / max(before[metric], EPS):.3f} or "
                 f"more, or raise max_ratio")

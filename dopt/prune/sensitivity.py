@@ -12,7 +12,7 @@ from typing import Callable
 
 from ..formats.fileio import atomic_path, write_json_atomic
 from .backend import PruneBackend
-from .search import DEFAULT_MAX_RATIO, aligned_widths
+from .search import DEFAULT_MAX_RATIO, group_widths
 
 
 def sensitivity_table(backend: PruneBackend, block: int, *,
@@ -26,7 +26,7 @@ def sensitivity_table(backend: PruneBackend, block: int, *,
     groups = backend.groups()
     for i, g in enumerate(groups, 1):
         rows = [{"width": g.channels, "ratio": 0.0, "metric": base, "drop": 0.0}]
-        for w in aligned_widths(g.channels, block, max_ratio)[1:]:
+        for w in group_widths(g, block, max_ratio)[1:]:
             m = float(backend.evaluate({g.name: w}))
             rows.append({"width": w, "ratio": round(1 - w / g.channels, 4), "metric": m,
                          "drop": base - m})

@@ -111,7 +111,10 @@ def _step_s(rep: dict, name: str) -> float | None:
 
 
 def compare_row(name: str, out: Path, max_drop: float, n_calib=None, n_eval=None,
-                max_evaluations: int = 12) -> dict:
+                max_evaluations: int = 12, nncf_row: dict | None = None) -> dict:
+    """One comparison row. ``nncf_row``: NNCF's figures from an earlier run of the same
+    row (same data, model and max_drop) to reuse instead of running NNCF again; its float
+    set is still compiled by this run's dopt build for the latency."""
     from bench import mp_models as M
     from dopt.deploy import run
 
@@ -146,7 +149,11 @@ def compare_row(name: str, out: Path, max_drop: float, n_calib=None, n_eval=None
         "met_max_drop": r["simulated"]["drop"] <= max_drop,
     }
     log(f"[{name}] dopt: {json.dumps({k: v for k, v in dopt.items() if k != 'float_layers_ptq'})}")
-    nn = M.nncf_accuracy_control(name, work, max_drop)
+    if nncf_row is not None:
+        nn = dict(nncf_row)
+        nn["reused_from"] = nncf_row.get("run_at") or "an earlier run"
+    else:
+        nn = M.nncf_accuracy_control(name, work, max_drop)
     nn["met_max_drop"] = nn["drop"] is not None and nn["drop"] <= max_drop
     # NNCF's choice compiled by dopt: the same layers float in dopt's build
     chosen = nn["float_layers"] + nn["partly_quantized"]
@@ -230,6 +237,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calib", type=int, default=0, help="calibration samples (comparison rows)")
     ap.add_argument("--eval", type=int, default=0, help="evaluation samples (comparison rows)")
     ap.add_argument("--max-evaluations", type=int, default=12, help="dopt's search budget")
+    ap.add_argument("--reuse-nncf", action="store_true",
+                    help="comparison rows: take NNCF's figures from the results file (same "
+                         "model and max_drop) instead of running it again")
     ap.add_argument("--models", default="", help="dopt-only rows: mobilenetv2s,resnet8")
     ap.add_argument("--settings", default="default,minmax-nobc")
     ap.add_argument("--max-drop", type=float, default=0.05, help="dopt-only rows, top-1 points")
@@ -258,8 +268,15 @@ def main(argv=None) -> int:
     for name in [m for m in a.compare.split(",") if m]:
         if name not in M.MODELS:
             raise SystemExit(f"unknown comparison model {name!r}; known: {list(M.MODELS)}")
-        row = compare_row(name, out / "compare", drops.get(name, M.MODELS[name]["max_drop"]),
-                          a.calib or None, a.eval or None, a.max_evaluations)
+        drop = drops.get(name, M.MODELS[name]["max_drop"])
+        prev = next((r for r in doc["comparison"] if r["model"] == name
+                     and r["max_drop"] == drop), None)
+        if a.reuse_nncf and prev is None:
+            raise SystemExit(f"--reuse-nncf: no earlier {name} row with max_drop {drop} in "
+                             f"{res_path}")
+        nncf_row = dict(prev["nncf"], run_at=prev.get("run_at")) if a.reuse_nncf else None
+        row = compare_row(name, out / "compare", drop, a.calib or None, a.eval or None,
+                          a.max_evaluations, nncf_row=nncf_row)
         row.update(command=command, run_at=time.strftime("%Y-%m-%d %H:%M:%S"))
         doc["comparison"] = [r for r in doc["comparison"] if r["model"] != name] + [row]
         save()

@@ -113,6 +113,43 @@ def tp_uniform(model, macs_goal: int):
     return best
 
 
+def tuned_row(m, teacher, name, a, calib, xtr, ytr, xte, yte, xcal, work, distill) -> dict:
+    """Fine-tune a pruned model for the benchmark's budget and measure it."""
+    before_ft = acc(m, xte, yte)
+    finetune(m, teacher, xtr, ytr, a.epochs, distill)
+    return {**estimate(m), "acc_pruned": before_ft, "acc": acc(m, xte, yte),
+            "int8_acc": int8_acc(m, xcal, xte, yte, work)}
+
+
+def sweep_model(name, a, xtr, ytr, xte, yte, xcal) -> dict:
+    """Accuracy against estimated latency at milder targets, for an equal-accuracy reading:
+    dopt (depth on) at each ``--sweep`` speed-up, and Torch-Pruning's uniform recipe at the
+    same MACs as each; both fine-tuned alike (no distillation)."""
+    import dopt.prune as P
+    from dopt_adapters.torch.prune_backend import recalibrate_bn
+    res = {"model": name, "rows": {}}
+    teacher = demo.build_float(name).eval()
+    calib = [torch.from_numpy(xtr[i:i + 128]) for i in range(0, 20 * 128, 128)]
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        res["unpruned"] = {**estimate(teacher), "acc": acc(teacher, xte, yte),
+                           "int8_acc": int8_acc(teacher, xcal, xte, yte, work)}
+        for sp in a.sweep:
+            m = demo.build_float(name)
+            r = P.prune(m, (1, 1, 28, 28), f"speedup={sp}", calib_data=calib, depth=True)
+            row = tuned_row(m, teacher, name, a, calib, xtr, ytr, xte, yte, xcal, work, False)
+            res["rows"][f"dopt speedup={sp}"] = {**row, "widths": r.plan.widths}
+            ratio, t = tp_uniform(demo.build_float(name), row["macs"])
+            recalibrate_bn(t, calib)
+            t.eval()
+            res["rows"][f"Torch-Pruning uniform (same MACs as speedup={sp})"] = {
+                **tuned_row(t, teacher, name, a, calib, xtr, ytr, xte, yte, xcal, work, False),
+                "ratio": ratio}
+            print(f"{name} speedup={sp}: dopt {row['int8_ms']:.4f} ms {row['int8_acc']:.2f} %",
+                  flush=True)
+    return res
+
+
 def run_model(name, a, xtr, ytr, xte, yte, xcal) -> dict:
     import dopt.prune as P
     from dopt.npu.profile import load_profile
@@ -192,6 +229,9 @@ def main(argv=None):
                     help="fine-tuning passes over the training images")
     ap.add_argument("--data", default=None, help="Fashion-MNIST folder (default: shipped)")
     ap.add_argument("--test-limit", type=int, default=None)
+    ap.add_argument("--sweep", type=float, nargs="+", default=None, metavar="SPEEDUP",
+                    help="instead: dopt at these INT8 speed-ups and Torch-Pruning at the same "
+                         "MACs (writes prune_sweep.json)")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
     xtr, ytr = data.load("train", a.data)
@@ -200,6 +240,9 @@ def main(argv=None):
     results = []
     t0 = time.time()
     for name in a.models:
+        if a.sweep:
+            results.append(sweep_model(name, a, xtr, ytr, xte, yte, xcal))
+            continue
         results.append(run_model(name, a, xtr, ytr, xte, yte, xcal))
         print(f"{name}: target 0.6x: {results[-1]['target_0.6x']}", flush=True)
     doc = {"protocol": {"epochs": a.epochs, "train_images": len(xtr), "test_images": len(xte),
@@ -208,9 +251,12 @@ def main(argv=None):
            "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - t0),
            "results": results}
     OUT.mkdir(exist_ok=True)
-    tmp = OUT / "prune.json.tmp"
+    fname = "prune_sweep.json" if a.sweep else "prune.json"
+    if a.sweep:
+        doc["protocol"]["sweep"] = a.sweep
+    tmp = OUT / (fname + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1, default=float))
-    tmp.replace(OUT / "prune.json")
+    tmp.replace(OUT / fname)
     print(table(results))
 
 

@@ -232,6 +232,8 @@ def main(argv=None):
     ap.add_argument("--sweep", type=float, nargs="+", default=None, metavar="SPEEDUP",
                     help="instead: dopt at these INT8 speed-ups and Torch-Pruning at the same "
                          "MACs (writes prune_sweep.json)")
+    ap.add_argument("--results", default=None,
+                    help="file name in bench/results/ (default prune.json / prune_sweep.json)")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
     xtr, ytr = data.load("train", a.data)
@@ -251,7 +253,7 @@ def main(argv=None):
            "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - t0),
            "results": results}
     OUT.mkdir(exist_ok=True)
-    fname = "prune_sweep.json" if a.sweep else "prune.json"
+    fname = a.results or ("prune_sweep.json" if a.sweep else "prune.json")
     if a.sweep:
         doc["protocol"]["sweep"] = a.sweep
     tmp = OUT / (fname + ".tmp")

@@ -140,3 +140,20 @@ def test_unknown_block_is_named():
     with pytest.raises(DoptError) as ei:
         b.apply({"block:zz": 0})
     assert "block:zz" in str(ei.value) and "block:a" in str(ei.value)
+
+
+def test_a_mild_target_does_not_take_a_whole_block():
+    # ResNet8 (the shipped Fashion-MNIST weights): removing layer1 saves the most per unit of
+    # risk, but one 32-channel step on layer3 already meets speedup=1.02 at far less risk
+    from demos.fashion_mnist import data as D, models as M
+    net = M.build("resnet8")
+    net.load_state_dict(torch.load("demos/fashion_mnist/weights/resnet8.pth",
+                                   weights_only=True))
+    x, _ = D.load("train", limit=128)
+    xs = torch.as_tensor(x, dtype=torch.float32)
+    r = P.prune(net, (1, 1, 28, 28), "speedup=1.02", calib_data=[xs[:64], xs[64:]], depth=True)
+    assert r.plan.widths and not any(k.startswith("block:") for k in r.plan.widths)
+    assert r.plan.after["latency_int8_ms"] <= r.plan.before["latency_int8_ms"] / 1.02 + 1e-9
+    r2 = P.prune(M.build("resnet8"), (1, 1, 28, 28), "speedup=1.2",
+                 calib_data=[xs[:64], xs[64:]], depth=True)
+    assert r2.plan.widths.get("block:layer1") == 0        # only the block reaches 1.2

@@ -213,6 +213,12 @@ def choose_widths(backend: PruneBackend, target: PruneTarget, profile, *,
                                    len(movable), profile, backend, widths, Path(work),
                                    stuck=True)
             name, gain, nxt, m = found
+            if m[metric] <= goal:
+                # the last step: of the steps that reach the goal on their own, the one that
+                # risks the least (the best saving per risk may overshoot with a big one)
+                name, gain, nxt, m = _finishing_step(
+                    (name, gain, nxt, m), movable, options, level, widths, meter, timed,
+                    metric, goal, current, risk, by_name)
             steps.append({"group": name, "from": widths[name], "to": nxt,
                           "saved": gain, metric: m[metric]})
             what = ("removed" if by_name[name].kind == "block" else
@@ -245,6 +251,25 @@ def choose_widths(backend: PruneBackend, target: PruneTarget, profile, *,
     return PrunePlan(target=target.text(), precision=precision, block=block, groups=table,
                      widths=changed, before=_public(before), after=_public(after),
                      steps=steps, estimates=estimates)
+
+
+def _finishing_step(found, movable, options, level, widths, meter, timed, metric, goal,
+                    current, risk, by_name):
+    """``found`` or, among the one-step moves from ``widths`` that meet ``goal``, the one
+    with the smallest added risk."""
+    def added(name, nxt):
+        return risk(by_name[name], nxt) - risk(by_name[name], widths[name])
+
+    best, best_risk = found, added(found[0], found[2])
+    for g in movable:
+        if g.name == found[0] or level[g.name] + 1 >= len(options[g.name]):
+            continue
+        nxt = options[g.name][level[g.name] + 1]
+        m = meter(dict(widths, **{g.name: nxt}), timed)
+        r = added(g.name, nxt)
+        if m[metric] <= goal and r < best_risk:
+            best, best_risk = (g.name, current[metric] - m[metric], nxt, m), r
+    return best
 
 
 def _public(m: dict) -> dict:

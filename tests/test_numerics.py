@@ -80,3 +80,14 @@ def test_fp16_rounding_golden():
     with np.errstate(over="ignore"):
         got = fp16(x)
     assert got.tolist() == [0.0999755859375, 65504.0, float("inf"), 1.0, 1.001953125]
+
+
+def test_batchnorm_fold_golden():
+    # k = gamma / sqrt(var + eps), shift = beta - mean * k, float32; a running variance FP16
+    # cannot hold folds to an ordinary scale
+    k, shift = nm.bn_scale_shift(np.float32([2.0, 1.0]), np.float32([5.0, 0.0]),
+                                 np.float32([4.0, 1e3]), np.float32([3.0, 1e8]), 1.0)
+    assert k.dtype == shift.dtype == np.float32
+    assert k[0] == 1.0 and shift[0] == 1.0
+    assert k[1] == np.float32(1.0) / np.sqrt(np.float32(1e8 + 1.0))
+    assert np.isfinite(k[1].astype(np.float16))

@@ -202,6 +202,8 @@ def _bn_as_scale_shift(m) -> tuple[set[str], set[str]]:
     part of the convolution's kernel (``dopt.npu.lower`` fuses it): the convolution's output
     and ``x * k`` are not rounded and ``k``, ``shift`` stay float32, as in the compiler's
     float32 folding. Returns (tensors not to round, initializers not to round)."""
+    if not any(n.op_type == "BatchNormalization" for n in m.graph.node):
+        return set(), set()
     onnx, numpy_helper = _onnx()
     from onnx import helper
     inits = {i.name: i for i in m.graph.initializer}
@@ -211,8 +213,6 @@ def _bn_as_scale_shift(m) -> tuple[set[str], set[str]]:
         for t in n.input:
             readers[t] = readers.get(t, 0) + 1
     outputs = {o.name for o in m.graph.output}
-    if not any(n.op_type == "BatchNormalization" for n in m.graph.node):
-        return set(), set()
     rank = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in
             list(onnx.shape_inference.infer_shapes(m).graph.value_info) + list(m.graph.input)
             if vi.type.tensor_type.HasField("shape")}
@@ -225,11 +225,9 @@ def _bn_as_scale_shift(m) -> tuple[set[str], set[str]]:
                 or not all(t in inits for t in n.input[1:5])):
             new_nodes.append(n)
             continue
-        gamma, beta, mean, var = (numpy_helper.to_array(inits[t]).astype(np.float32)
-                                  for t in n.input[1:5])
-        eps = np.float32(next((a.f for a in n.attribute if a.name == "epsilon"), 1e-5))
-        kk = (gamma / np.sqrt(var + eps)).astype(np.float32)
-        shift = (beta - mean * kk).astype(np.float32)
+        kk, shift = nm.bn_scale_shift(*(numpy_helper.to_array(inits[t]) for t in n.input[1:5]),
+                                      next((a.f for a in n.attribute if a.name == "epsilon"),
+                                           1e-5))
         src = producer.get(n.input[0])
         fused = (src is not None and src.op_type == "Conv" and readers.get(n.input[0]) == 1
                  and n.input[0] not in outputs)

@@ -172,10 +172,8 @@ class _Builder:
         float32 (``k = gamma / sqrt(var + eps)``, ``shift = beta - mean * k``), not the
         running statistics: a variance of 1e7 is inf in FP16. Written as BN with mean 0,
         variance 1 and epsilon 0, so the kernel computes ``x * k + shift``."""
-        gamma, beta, mean, var = (self.inits[x].astype(np.float32) for x in node.input[1:5])
-        eps = np.float32(attrs.get("epsilon", {}).get("value", 1e-5))
-        k = (gamma / np.sqrt(var + eps)).astype(np.float32)
-        shift = (beta - mean * k).astype(np.float32)
+        k, shift = nm.bn_scale_shift(*(self.inits[x] for x in node.input[1:5]),
+                                     attrs.get("epsilon", {}).get("value", 1e-5))
         ins = [node.input[0],
                self._new_tensor(f"{n.name}.scale", k.astype(self.wdt)),
                self._new_tensor(f"{n.name}.shift", shift.astype(self.wdt)),
@@ -194,8 +192,8 @@ class _Builder:
                 node = self.onnx_nodes[u.name]
                 gamma, beta, mean, var = (self.inits[x].astype(np.float32, copy=False)
                                           for x in u.inputs[1:5])
-                eps = np.float32(next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5))
-                k = (gamma / np.sqrt(var + eps)).astype(np.float32)
+                k = nm.bn_scale(gamma, var, next((a.f for a in node.attribute
+                                                  if a.name == "epsilon"), 1e-5))
                 b = ((b - mean) * k + beta).astype(np.float32)
             else:
                 c = self.inits[u.attrs["const_inputs"][0]].astype(np.float32, copy=False).reshape(-1)

@@ -34,6 +34,19 @@ W_ZERO_AMAX = 127 * 1e-12
 _f32 = np.float32
 
 
+def bn_scale(gamma, var, eps) -> np.ndarray:
+    """The per-channel factor of an inference BatchNormalization, in float32:
+    ``k = gamma / sqrt(var + eps)`` (folded into a convolution's weights, or the scale of a
+    BN kernel of its own)."""
+    return (_f32(gamma) / np.sqrt(_f32(var) + np.float32(eps))).astype(_f32)
+
+
+def bn_scale_shift(gamma, beta, mean, var, eps) -> tuple[np.ndarray, np.ndarray]:
+    """``(k, beta - mean * k)``, float32: a BatchNormalization as ``x * k + shift``."""
+    k = bn_scale(gamma, var, eps)
+    return k, (_f32(beta) - _f32(mean) * k).astype(_f32)
+
+
 def round_half_even(x):
     return np.rint(x)
 

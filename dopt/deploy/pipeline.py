@@ -461,12 +461,17 @@ def _run(cfg, so, evaluator, baseline, password, stage: Path, prog: Progress,
         qdq, params = variants.build(float_set)
         om_final, rep_final = compile_model(qdq, cfg, params, "quant_param.json")
     om_path, om16_path = build / "model.om", build / "model_fp16.om"
-    omfile.write_om(om_path, om_final)
     omfile.write_om(om16_path, om16)
-    P.write_params(build / "quant_param.json", params)
     import onnx
-    onnx.save(qdq, str(work / "model_qdq.onnx"))
-    deployed = evaluator(om_predictor(om_path, batch_size=bs))
+
+    def deploy(qdq, params, om_final):
+        """Write the build's ``.om``, parameter file and QDQ model; the deployed metric."""
+        omfile.write_om(om_path, om_final)
+        P.write_params(build / "quant_param.json", params)
+        onnx.save(qdq, str(work / "model_qdq.onnx"))
+        return evaluator(om_predictor(om_path, batch_size=bs))
+
+    deployed = deploy(qdq, params, om_final)
     # the deployed build is the judge: where the simulation met max_drop and the emulated NPU
     # does not, the budget is tightened by the gap and the search resumes on its history
     retries: list[dict] = []
@@ -485,18 +490,14 @@ def _run(cfg, so, evaluator, baseline, password, stage: Path, prog: Progress,
                             "accuracy", budget=budget, seed=states[-1].evals,
                             max_evals=cfg.mixed.max_evaluations - evaluations)
         evaluations += search.evaluations
+        float_set = with_slower(search.float_layers)
         retries.append({"deployed_drop": float_score.value - deployed.value,
                         "simulated_drop": float_score.value - sim.value, "budget": budget,
-                        "fp16_layers": len(with_slower(search.float_layers)),
-                        "evaluations": search.evaluations})
-        float_set = with_slower(search.float_layers)
+                        "fp16_layers": len(float_set), "evaluations": search.evaluations})
         qdq, params = variants.build(float_set)
         om_final, rep_final = compile_model(qdq, cfg, params, "quant_param.json")
         sim = evaluator(simulated_predictor(qdq, batch_size=bs))
-        omfile.write_om(om_path, om_final)
-        P.write_params(build / "quant_param.json", params)
-        onnx.save(qdq, str(work / "model_qdq.onnx"))
-        deployed = evaluator(om_predictor(om_path, batch_size=bs))
+        deployed = deploy(qdq, params, om_final)
     deployed16 = evaluator(om_predictor(om16_path, batch_size=bs))
     est = om_final.meta.get("estimate")
     agree = agreement(deployed, sim)

@@ -113,12 +113,20 @@ def tp_uniform(model, macs_goal: int):
     return best
 
 
-def tuned_row(m, teacher, name, a, calib, xtr, ytr, xte, yte, xcal, work, distill) -> dict:
+def tuned_row(m, teacher, a, xtr, ytr, xte, yte, xcal, work, distill) -> dict:
     """Fine-tune a pruned model for the benchmark's budget and measure it."""
     before_ft = acc(m, xte, yte)
     finetune(m, teacher, xtr, ytr, a.epochs, distill)
     return {**estimate(m), "acc_pruned": before_ft, "acc": acc(m, xte, yte),
             "int8_acc": int8_acc(m, xcal, xte, yte, work)}
+
+
+def baseline(name, xtr, xte, yte, xcal, work) -> tuple:
+    """``(teacher, calibration batches, unpruned row)`` of a demo network."""
+    teacher = demo.build_float(name).eval()
+    calib = [torch.from_numpy(xtr[i:i + 128]) for i in range(0, 20 * 128, 128)]
+    return teacher, calib, {**estimate(teacher), "acc": acc(teacher, xte, yte),
+                            "int8_acc": int8_acc(teacher, xcal, xte, yte, work)}
 
 
 def sweep_model(name, a, xtr, ytr, xte, yte, xcal) -> dict:
@@ -128,22 +136,19 @@ def sweep_model(name, a, xtr, ytr, xte, yte, xcal) -> dict:
     import dopt.prune as P
     from dopt_adapters.torch.prune_backend import recalibrate_bn
     res = {"model": name, "rows": {}}
-    teacher = demo.build_float(name).eval()
-    calib = [torch.from_numpy(xtr[i:i + 128]) for i in range(0, 20 * 128, 128)]
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        res["unpruned"] = {**estimate(teacher), "acc": acc(teacher, xte, yte),
-                           "int8_acc": int8_acc(teacher, xcal, xte, yte, work)}
+        teacher, calib, res["unpruned"] = baseline(name, xtr, xte, yte, xcal, work)
         for sp in a.sweep:
             m = demo.build_float(name)
             r = P.prune(m, (1, 1, 28, 28), f"speedup={sp}", calib_data=calib, depth=True)
-            row = tuned_row(m, teacher, name, a, calib, xtr, ytr, xte, yte, xcal, work, False)
+            row = tuned_row(m, teacher, a, xtr, ytr, xte, yte, xcal, work, False)
             res["rows"][f"dopt speedup={sp}"] = {**row, "widths": r.plan.widths}
             ratio, t = tp_uniform(demo.build_float(name), row["macs"])
             recalibrate_bn(t, calib)
             t.eval()
             res["rows"][f"Torch-Pruning uniform (same MACs as speedup={sp})"] = {
-                **tuned_row(t, teacher, name, a, calib, xtr, ytr, xte, yte, xcal, work, False),
+                **tuned_row(t, teacher, a, xtr, ytr, xte, yte, xcal, work, False),
                 "ratio": ratio}
             print(f"{name} speedup={sp}: dopt {row['int8_ms']:.4f} ms {row['int8_acc']:.2f} %",
                   flush=True)
@@ -156,12 +161,9 @@ def run_model(name, a, xtr, ytr, xte, yte, xcal) -> dict:
     from dopt.prune.search import Meter, group_widths
     from dopt_adapters.torch.prune_backend import TorchPruneBackend
     res = {"model": name}
-    teacher = demo.build_float(name).eval()
-    calib = [torch.from_numpy(xtr[i:i + 128]) for i in range(0, 20 * 128, 128)]
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        res["unpruned"] = {**estimate(teacher), "acc": acc(teacher, xte, yte),
-                           "int8_acc": int8_acc(teacher, xcal, xte, yte, work)}
+        teacher, calib, res["unpruned"] = baseline(name, xtr, xte, yte, xcal, work)
         goal = 0.6 * res["unpruned"]["int8_ms"]
         prof = load_profile()
         block = prof.channel_block(True)
@@ -186,22 +188,16 @@ def run_model(name, a, xtr, ytr, xte, yte, xcal) -> dict:
             r = P.prune(m, (1, 1, 28, 28), f"target_ms={target_ms}", calib_data=calib,
                         depth=True)
             res["plan"] = r.plan.as_dict()
-            before_ft = acc(m, xte, yte)
-            finetune(m, teacher, xtr, ytr, a.epochs, distill)
+            row = tuned_row(m, teacher, a, xtr, ytr, xte, yte, xcal, work, distill)
             rows["dopt" + (" + distill" if distill else "")] = {
-                **estimate(m), "acc_pruned": before_ft, "acc": acc(m, xte, yte),
-                "int8_acc": int8_acc(m, xcal, xte, yte, work), "seconds": time.time() - t,
-                "widths": r.plan.widths}
+                **row, "seconds": time.time() - t, "widths": r.plan.widths}
         macs_goal = rows["dopt + distill"]["macs"]
         ratio, m = tp_uniform(demo.build_float(name), macs_goal)
         from dopt_adapters.torch.prune_backend import recalibrate_bn
         recalibrate_bn(m, calib)
         m.eval()
-        before_ft = acc(m, xte, yte)
-        finetune(m, teacher, xtr, ytr, a.epochs, True)
         rows["Torch-Pruning uniform (same MACs) + distill"] = {
-            **estimate(m), "acc_pruned": before_ft, "acc": acc(m, xte, yte),
-            "int8_acc": int8_acc(m, xcal, xte, yte, work), "ratio": ratio}
+            **tuned_row(m, teacher, a, xtr, ytr, xte, yte, xcal, work, True), "ratio": ratio}
         res["rows"] = rows
     return res
 

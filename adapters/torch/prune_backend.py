@@ -269,7 +269,7 @@ class TorchPruneBackend:
             return
         from .prune_depth import BLOCK, remove_blocks
         self.groups()
-        blocks = {k for k, g in ((g.name, g) for g in self._groups) if g.kind == "block"}
+        blocks = {g.name for g in self._groups if g.kind == "block"}
         unknown = sorted(k for k in widths if k.startswith(BLOCK) and k not in blocks)
         if unknown:
             raise DoptError(f"no removable residual block named {', '.join(unknown)} in "

@@ -61,11 +61,12 @@ def rebuild_source(model: nn.Module, original: dict, builder: str | None, dst_di
     """The ``.py`` text that rebuilds ``model`` (pruned) from its unpruned builder;
     ``removed``: residual blocks depth pruning replaced by ``nn.Identity``."""
     mod, attr, src = _builder_source(model, builder)
-    lines = []
-    for name in removed:
+    def replace(name: str, ctor: str) -> str:
         parent, _, leaf = name.rpartition(".")
         target = f"model.get_submodule({parent!r})" if parent else "model"
-        lines.append(f"    setattr({target}, {leaf!r}, nn.Identity())  # residual block removed")
+        return f"    setattr({target}, {leaf!r}, {ctor})"
+
+    lines = [replace(name, "nn.Identity()") + "  # residual block removed" for name in removed]
     for name, m in model.named_modules():
         sig = module_signature(m)
         if not name or sig == original.get(name) or name in removed:
@@ -75,9 +76,7 @@ def rebuild_source(model: nn.Module, original: dict, builder: str | None, dst_di
                             f"rebuild file cannot construct that type", field=name,
                             hint="exclude it with ignored_layers, or save the ONNX only")
         args = ", ".join(f"{k}={v!r}" for k, v in sig.items())
-        parent, _, leaf = name.rpartition(".")
-        target = f"model.get_submodule({parent!r})" if parent else "model"
-        lines.append(f"    setattr({target}, {leaf!r}, {_CTOR[type(m)]}({args}))")
+        lines.append(replace(name, f"{_CTOR[type(m)]}({args})"))
     if src:
         try:
             rel = os.path.relpath(src, dst_dir.resolve())

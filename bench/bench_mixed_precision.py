@@ -263,7 +263,9 @@ def main(argv=None) -> int:
         doc.update(date=time.strftime("%Y-%m-%d"), machine=platform.platform(),
                    versions=_versions(), python=platform.python_version())
         res_path.parent.mkdir(parents=True, exist_ok=True)
-        res_path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        from dopt.formats.fileio import atomic_path
+        with atomic_path(res_path) as tmp:      # an interrupted save keeps the last file
+            tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
 
     for name in [m for m in a.compare.split(",") if m]:
         if name not in M.MODELS:

@@ -1,15 +1,18 @@
 """Emulated NPU: runtime throughput vs ONNX Runtime FP32, fidelity, and .om sizes.
 
-    python -m bench.bench_npu_runtime [--models resnet8 mobilenetv2s resnet18] [--images 2048]
+    python -m bench.bench_npu_runtime [--models resnet8 mobilenetv2s resnet18
+                                        efficientnet_lite0] [--images 2048] [--threads N]
 
 For the two Fashion-MNIST demo networks: dopt calibration (min/max, 512 training images,
 convolutions with Cin <= 16 left float as the NPU runs them), ``generate_final_model``,
 ``dopt omg`` FP16 and INT8 builds, then on the 10k test images the top-1 agreement of the
 INT8 ``.om`` on the emulated NPU with the fake-quant PyTorch model. For ResNet-18
 (ImageNet shape, random weights: size and speed do not depend on values) the same
-pipeline calibrated on random inputs. Throughput: batch 32, the emulated NPU fast engine
-(FP16 and INT8 builds) against ONNX Runtime FP32 on the float ONNX model, same process,
-same threads, interleaved runs, best of 3. Writes bench/results/npu_runtime.json.
+pipeline calibrated on random inputs; EfficientNet-Lite0 (published weights) the same way
+through the ONNX path (``dopt_so`` + ``dopt omg``). Throughput: batch 32, the emulated NPU
+fast engine (FP16 and INT8 builds) against ONNX Runtime FP32 on the float ONNX model,
+same process, same threads, interleaved runs, best of 5. Writes
+bench/results/npu_runtime.json.
 """
 from __future__ import annotations
 
@@ -52,7 +55,39 @@ def _pipeline(build, shape: str, calib: np.ndarray, dst: Path):
     return q, files, oms
 
 
-def _throughput(fns: dict, x: np.ndarray, batch: int = 32, repeats: int = 3) -> dict:
+CALIB_CONF = """strategy: "Quant_INT8-8"
+device: USE_CPU
+preprocess_parameter:
+{
+    input_type: BINARY
+    input_file_path: "calib.bin"
+}
+"""
+
+
+def _onnx_pipeline(float_onnx: Path, shape: str, calib: np.ndarray, dst: Path):
+    """The no-training path a user of an ONNX model takes: ``dopt_so`` calibration, then
+    ``dopt omg`` FP16 and INT8 (the same commands as in docs/quick_start)."""
+    import subprocess
+    import sys
+    from dopt.calib.sets import write_bin610
+    write_bin610(dst / "calib.bin", calib)
+    (dst / "calib.prototxt").write_text(CALIB_CONF)
+    py = [sys.executable, "-W", "ignore"]
+    for cmd in (["-m", "dopt.dopt_so", "--mode", "0", "--framework", "5", "--model",
+                 str(float_onnx), "--cal_conf", "calib.prototxt", "--output", "q.onnx",
+                 "--input_shape", shape, "--compress_conf", "param", "--relax_path_rules"],
+                ["-m", "dopt", "omg", "--framework", "5", "--model", str(float_onnx),
+                 "--input_shape", shape, "--output", "model_fp16"],
+                ["-m", "dopt", "omg", "--framework", "5", "--model", "q.onnx",
+                 "--compress_conf", "param", "--input_shape", shape, "--output", "model_int8"]):
+        r = subprocess.run(py + cmd, cwd=dst, capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    return {b: dst / f"model_{b}.om" for b in ("fp16", "int8")}
+
+
+def _throughput(fns: dict, x: np.ndarray, batch: int = 32, repeats: int = 5) -> dict:
     best = {k: float("inf") for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
@@ -79,6 +114,18 @@ def bench_model(name: str, n_images: int, threads: int) -> dict:
                 torch.manual_seed(0)
                 return resnet18().eval()
             q, files, oms = _pipeline(build, "input:1,3,224,224", calib, dst)
+            labels = None
+        elif name == "efficientnet_lite0":
+            # ImageNet EfficientNet-Lite0 (bench/efficientnet_lite.py, published weights)
+            # through the ONNX path; random inputs as for ResNet-18
+            from bench import efficientnet_lite
+            rng = np.random.default_rng(0)
+            calib = rng.standard_normal((16, 3, 224, 224)).astype(np.float32)
+            x = rng.standard_normal((max(n_images // 8, 64), 3, 224, 224)).astype(np.float32)
+            efficientnet_lite.export_onnx(dst / "float.onnx", efficientnet_lite.load_pretrained()
+                                          .eval(), opset=17)
+            files = {"float_onnx": str(dst / "float.onnx")}
+            oms = _onnx_pipeline(dst / "float.onnx", "x:1,3,224,224", calib, dst)
             labels = None
         else:
             xtr, _ = data.load("train")
@@ -116,7 +163,8 @@ def bench_model(name: str, n_images: int, threads: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["resnet8", "mobilenetv2s", "resnet18"])
+    ap.add_argument("--models", nargs="+",
+                    default=["resnet8", "mobilenetv2s", "resnet18", "efficientnet_lite0"])
     ap.add_argument("--images", type=int, default=2048, help="images timed per engine")
     ap.add_argument("--threads", type=int, default=0, help="0: ONNX Runtime's default")
     ap.add_argument("--results", default=str(OUT / "npu_runtime.json"))

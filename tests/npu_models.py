@@ -106,3 +106,44 @@ def params_for(model, ranges: dict[str, tuple[float, float]]) -> dict:
                        "scales": [float(v) for v in nm.weight_scales(w, 0)]},
             "bias": {"tensor": n.input[2], "bits": 32} if len(n.input) > 2 else None}
     return doc
+
+
+def blocked_net(big_bias: float = 0.0):
+    """Inverted-residual shapes for the runtime's layout rewrite: a 24-channel stem
+    (not a multiple of 16), expand -> ReLU6 -> depthwise -> ReLU6 -> project, a residual
+    Add, a channel Concat and a classifier. ``big_bias`` is added to the project conv's
+    first bias: a bias too large for an integer-exact float32 op as a whole."""
+    rng = np.random.default_rng(RNG_SEED + 2)
+    nodes, inits = [], []
+    inits += [_init("six", np.array(6.0, np.float32)), _init("zero", np.array(0.0, np.float32))]
+    for name, x, out, cin, cout, k, group, act in (
+            ("stem", "x", "s", 16, 24, 3, 1, True),
+            ("expand", "s6", "e", 24, 72, 1, 1, True),
+            ("dw", "e6", "d", 72, 72, 3, 72, True),
+            ("project", "d6", "p", 72, 24, 1, 1, False),
+            ("side", "s6", "q", 24, 40, 1, 1, False)):
+        n, i = _conv(rng, name, x, out, cin, cout, k=k, group=group)
+        if name == "project" and big_bias:
+            b = numpy_helper.to_array(i[1]).copy()
+            b[0] += big_bias
+            i[1] = _init(f"{name}.bias", b)
+        nodes.append(n)
+        inits += i
+        if act:
+            nodes.append(helper.make_node("Clip", [out, "zero", "six"], [out + "6"],
+                                          name=name + "_relu6"))
+    nodes += [helper.make_node("Add", ["s6", "p"], ["r"], name="residual"),
+              helper.make_node("Concat", ["r", "q"], ["cat"], name="concat", axis=1),
+              helper.make_node("GlobalAveragePool", ["cat"], ["g"], name="gap"),
+              helper.make_node("Flatten", ["g"], ["f"], name="flatten", axis=1)]
+    inits += [_init("fc.weight", (rng.standard_normal((10, 64)) * 0.2).astype(np.float32)),
+              _init("fc.bias", (rng.standard_normal(10) * 0.1).astype(np.float32))]
+    nodes.append(helper.make_node("Gemm", ["f", "fc.weight", "fc.bias"], ["y"], name="fc",
+                                  transB=1))
+    return _model(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                               ["N", 16, 14, 14])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+
+
+BLOCKED_RANGES = {"expand": (0, 6), "dw": (0, 6), "project": (0, 6), "side": (0, 6),
+                  "fc": (-3, 3)}

@@ -40,6 +40,9 @@ def test_bias_int32_golden():
     assert nm.quantize_bias(np.array([0.1, -3e9], np.float32), 0.01,
                             np.array([0.1, 1.0], np.float32)).tolist() \
         == [100, -2147483648]
+    # positive saturation: 2**31 - 1 (as a float32 it is 2**31, which would wrap)
+    assert nm.quantize_bias(np.array([3e9], np.float32), 0.01,
+                            np.array([1.0], np.float32)).tolist() == [2147483647]
 
 
 def test_int8_linear_golden():

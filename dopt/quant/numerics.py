@@ -118,7 +118,8 @@ def bias_scales(act_scale, w_scales) -> np.ndarray:
 def quantize_bias(b, act_scale, w_scales) -> np.ndarray:
     b = np.asarray(b, dtype=np.float32)
     q = np.rint(b / bias_scales(act_scale, w_scales))
-    return np.clip(q, INT32_MIN, INT32_MAX).astype(np.int32)
+    # clamp in float64: 2**31 - 1 as a float32 is 2**31, which wraps to -2**31 as int32
+    return np.clip(q.astype(np.float64), INT32_MIN, INT32_MAX).astype(np.int32)
 
 
 def int8_linear(x, w, b, act_scale, act_offset, w_scales) -> np.ndarray:

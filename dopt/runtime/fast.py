@@ -20,14 +20,44 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import DoptError
-from ..formats.qdq import ort_session
+from ..quant import numerics as nm
 
 FLOAT_DTYPES = ("float16", "float32", "float64")
 IR_VERSION = 8
+# ONNX Runtime fusions that change a value the NPU's numerics fix: folding an INT8
+# layer's dequantization multiply into the convolution's weights (or a MatMul's alpha)
+# rounds differently from the NPU's float32(acc) * scale.
+INEXACT_FUSIONS = ["ConvMulFusion", "MatMulScaleFusion"]
 
 
-def session(model, threads: int = 0):
-    return ort_session(model.SerializeToString(), optimize=True, threads=threads)
+def _options(threads: int):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return so
+
+
+def session(model, threads: int = 0, *, blocked: bool = False):
+    """An optimizing CPU session for ``model``, without ``INEXACT_FUSIONS``.
+
+    ``blocked``: keep ONNX Runtime's blocked layout across the FP16 rounding casts
+    (``dopt.runtime.blocked``); the graph is then optimized once, rewritten, and loaded
+    as it is.
+    """
+    import onnxruntime as ort
+    data = model.SerializeToString()
+    if blocked:
+        from .blocked import keep_blocked, optimized_model, shapes_of
+        opt = optimized_model(data, _options(threads), INEXACT_FUSIONS)
+        if keep_blocked(opt, shapes_of(model)):
+            so = _options(threads)
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            return ort.InferenceSession(opt.SerializeToString(), so,
+                                        providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(data, _options(threads), providers=["CPUExecutionProvider"],
+                                disabled_optimizers=INEXACT_FUSIONS)
 
 
 def onnx_attrs(k: dict, tensors: dict) -> dict:
@@ -90,22 +120,61 @@ def npu_boundary_inputs(kernels, graph_inputs, tensors) -> set:
 FLOAT_EXACT_BOUND = 1 << 24  # integers below this add exactly in float32, in any order
 
 
-def exact_in_float(wq: np.ndarray, bq: np.ndarray | None) -> bool:
-    """True when a float32 convolution of ``q - o`` with ``wq`` is provably integer-exact.
+def input_range(k: dict) -> tuple[int, int]:
+    """The values ``q - o`` an INT8 layer's integer op reads: q in [-128, 127]."""
+    o = int((k["attrs"].get("input_offset") or {}).get("value", 127))
+    return -128 - o, 127 - o
 
-    Every partial sum is bounded by ``255 * sum|wq[c]| + |bq[c]|``; below 2**24 each is
-    an exactly representable integer, whatever the summation order of the BLAS.
+
+def _partial_bounds(wq: np.ndarray, x_range) -> tuple[np.ndarray, np.ndarray]:
+    """Per output channel and input column: the largest positive and negative share of
+    ``w * x`` for ``x`` in ``x_range`` (a partial sum, in any order, of any subset of
+    the products lies between minus the summed negative and the summed positive shares)."""
+    lo, hi = x_range
+    w = wq.astype(np.int64).reshape(wq.shape[0], wq.shape[1] if wq.ndim > 1 else 1, -1)
+    a, b = w * lo, w * hi
+    return (np.maximum(0, np.maximum(a, b)).sum(axis=2),
+            -np.minimum(0, np.minimum(a, b)).sum(axis=2))
+
+
+def acc_bound(wq: np.ndarray, x_range=(-255, 255)) -> np.ndarray:
+    """Per output channel, the largest |partial sum| of the integer op without bias."""
+    up, down = _partial_bounds(wq, x_range)
+    return np.maximum(up.sum(axis=1), down.sum(axis=1))
+
+
+def split_bias(bq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``bq = lo + hi`` with ``hi`` exactly a float32 and ``|lo| <= 64`` (int32 input).
+
+    ``y + hi`` in float32, with ``y`` the exact integer sum of the products and ``lo``,
+    is one correctly rounded addition of the exact accumulator: ``float32(acc)``, the
+    value the NPU's Dequantize starts from, even when ``acc`` passes 2**24.
     """
-    per_c = np.abs(wq.reshape(wq.shape[0], -1).astype(np.int64)).sum(axis=1) * 255
+    b = np.asarray(bq).astype(np.int64).reshape(-1)
+    hi = b.astype(np.float32).astype(np.int64)
+    return b - hi, hi
+
+
+def exact_in_float(wq: np.ndarray, bq: np.ndarray | None, x_range=(-255, 255)) -> bool:
+    """True when a float32 op on ``q - o`` (in ``x_range``) with ``wq`` is provably
+    integer-exact: every partial sum, bias included, is an integer below 2**24, exactly
+    representable whatever the summation order of the BLAS."""
+    bound = acc_bound(wq, x_range)
     if bq is not None:
-        per_c = per_c + np.abs(bq.astype(np.int64).reshape(-1))
-    return bool(per_c.max(initial=0) < FLOAT_EXACT_BOUND)
+        bound = bound + np.abs(bq.astype(np.int64).reshape(-1))
+    return bool(bound.max(initial=0) < FLOAT_EXACT_BOUND)
+
+
+def exact_with_split_bias(wq, bq, x_range=(-255, 255)) -> bool:
+    """True when only the bias stops ``exact_in_float``: with the small part of the bias
+    in the op (``split_bias``) the op is exact, and the large part is added after it."""
+    return bq is not None and exact_in_float(wq, split_bias(bq)[0], x_range)
 
 
 MAX_CHUNKS = 8
 
 
-def exact_chunks(wq: np.ndarray) -> list[int] | None:
+def exact_chunks(wq: np.ndarray, x_range=(-255, 255)) -> list[int] | None:
     """Input-channel chunks small enough for an integer-exact float32 op each.
 
     For a weight too large for ``exact_in_float`` as a whole: contiguous chunks of input
@@ -113,16 +182,18 @@ def exact_chunks(wq: np.ndarray) -> list[int] | None:
     The chunk results are then added in int32. ``None`` when more than ``MAX_CHUNKS``
     would be needed (the integer ONNX ops are used instead).
     """
-    per = np.abs(wq.astype(np.int64)).reshape(wq.shape[0], wq.shape[1], -1).sum(axis=2) * 255
-    sizes, acc, n = [], np.zeros(wq.shape[0], np.int64), 0
-    for c in range(wq.shape[1]):
-        col = per[:, c]
-        if col.max() >= FLOAT_EXACT_BOUND:
+    up, down = _partial_bounds(wq, x_range)
+    sizes, n = [], 0
+    acc_up, acc_down = np.zeros(wq.shape[0], np.int64), np.zeros(wq.shape[0], np.int64)
+    for c in range(up.shape[1]):
+        if max(up[:, c].max(), down[:, c].max()) >= FLOAT_EXACT_BOUND:
             return None
-        if n and (acc + col).max() >= FLOAT_EXACT_BOUND:
+        if n and max((acc_up + up[:, c]).max(), (acc_down + down[:, c]).max()) \
+                >= FLOAT_EXACT_BOUND:
             sizes.append(n)
-            acc, n = np.zeros_like(acc), 0
-        acc += col
+            acc_up, acc_down, n = np.zeros_like(acc_up), np.zeros_like(acc_down), 0
+        acc_up += up[:, c]
+        acc_down += down[:, c]
         n += 1
     sizes.append(n)
     return sizes if len(sizes) <= MAX_CHUNKS else None
@@ -228,18 +299,27 @@ class _GraphBuilder:
         self.no_round = self._plan_rounding(kernels, boundary) if self.npu and not debug \
             else set()
         t = self.om.tensors
-        self.float_int = {k["name"] for k in kernels if (k["op"] or "").startswith("Quantized")
-                          and exact_in_float(t[k["inputs"][1]],
-                                             t[k["inputs"][2]] if len(k["inputs"]) > 2 else None)}
+        int8_ops = [k for k in kernels if (k["op"] or "").startswith("Quantized")]
+
+        def bias(k):
+            return t[k["inputs"][2]] if len(k["inputs"]) > 2 else None
+        self.float_int = {k["name"] for k in int8_ops
+                          if exact_in_float(t[k["inputs"][1]], bias(k), input_range(k))}
+        # exact as one float32 op once the bias's large part is added after it
+        self.split = {k["name"] for k in int8_ops if k["name"] not in self.float_int
+                      and exact_with_split_bias(t[k["inputs"][1]], bias(k), input_range(k))}
+        self.float_int |= self.split
         self.chunks = {}
-        for k in kernels:
+        for k in int8_ops:
             if (k["op"] in ("QuantizedConvolution", "QuantizedFullyConnection")
                     and k["name"] not in self.float_int
                     and int((k["attrs"].get("group") or {}).get("value", 1)) == 1):
-                sizes = exact_chunks(t[k["inputs"][1]])
+                sizes = exact_chunks(t[k["inputs"][1]], input_range(k))
                 if sizes:
                     self.chunks[k["name"]] = sizes
         self.float_q = self.float_int | set(self.chunks)
+        self.conv_weight = {k["name"]: t[k["inputs"][1]] for k in kernels if k["op"] in
+                            ("QuantizedConvolution", "QuantizedConvolutionDepthwise")}
         for t in sorted(boundary):
             self.round16(t, t + "/to_npu")
         for k in kernels:
@@ -355,17 +435,41 @@ class _GraphBuilder:
             self.node("Add", [acc, self.const(k["inputs"][2] + "/bcast", b)], [out])
 
     def _int_as_float(self, k, x, w, wname, b, op, out, **attrs):
-        """Integer op as one float32 op on exact integers (see ``exact_in_float``)."""
+        """Integer op as one float32 op on exact integers (see ``exact_in_float``); for a
+        layer in ``split``, the bias's large part is added after it (``split_bias``)."""
         wf = self.const(wname + "/f", w.astype(np.float32))
-        bf = None if b is None else self.const(k["inputs"][2] + "/f",
-                                               b.reshape(-1).astype(np.float32))
+        bf = hi = None
+        if b is not None:
+            lo, hi = split_bias(b) if k["name"] in self.split else (b.reshape(-1), None)
+            bf = self.const(k["inputs"][2] + "/f", lo.astype(np.float32))
+        y = out if hi is None else out + "/lo"
         if op == "ConvInteger":
-            self.node("Conv", [x, wf] + ([bf] if bf else []), [out], name=k["name"], **attrs)
+            self.node("Conv", [x, wf] + ([bf] if bf else []), [y], name=k["name"], **attrs)
         elif bf:
-            self.node("MatMul", [x, wf], [out + "/mm"], name=k["name"])
-            self.node("Add", [out + "/mm", bf], [out])
+            self.node("MatMul", [x, wf], [y + "/mm"], name=k["name"])
+            self.node("Add", [y + "/mm", bf], [y])
         else:
-            self.node("MatMul", [x, wf], [out], name=k["name"])
+            self.node("MatMul", [x, wf], [y], name=k["name"])
+        if hi is None:
+            return
+        hf = self.const(k["inputs"][2] + "/hi", hi.astype(np.float32))
+        # the accumulator saturates at the int32 bounds (numerics.int8_linear); float32
+        # rounding is monotone, so clamping float32(acc) to float32(bounds) is the same
+        wx = w if op == "ConvInteger" else w.T
+        sat = (acc_bound(wx, input_range(k)) + np.abs(b.astype(np.int64).reshape(-1))).max() \
+            > nm.INT32_MAX
+        z = out + "/unsat" if sat else out
+        if op == "ConvInteger":  # y * 1 + hi per channel, a kernel the blocked layout keeps
+            c = w.shape[0]
+            one = self.const(k["name"] + "/one_dw", np.ones((c, 1) + (1,) * (w.ndim - 2),
+                                                             np.float32))
+            self.node("Conv", [y, one, hf], [z], group=c, kernel_shape=[1] * (w.ndim - 2))
+        else:
+            self.node("Add", [y, hf], [z])
+        if sat:
+            self.node("Clip", [z, self.const("int32/min", np.array(nm.INT32_MIN, np.float32)),
+                               self.const("int32/max", np.array(nm.INT32_MAX, np.float32))],
+                      [out])
 
     def _int_chunked(self, k, x, w, op, out, **attrs) -> str:
         """int32 sum of integer-exact float32 ops on input-channel chunks; returns its name."""
@@ -398,11 +502,23 @@ class _GraphBuilder:
     def _k_Dequantize(self, k, ins):
         out = k["outputs"][0]
         raw = out + "/f32" if self.npu and out not in self.no_round else out
-        if layer_of(k) in self.float_int:
-            self.node("Mul", [ins[0], ins[1]], [raw], name=k["name"])
+        acc = ins[0]
+        if layer_of(k) not in self.float_int:
+            acc = out + "/accf"
+            self.node("Cast", [ins[0]], [acc], to=self.TP.FLOAT, name=k["name"])
+        w = self.conv_weight.get(layer_of(k))
+        if w is None:
+            self.node("Mul", [acc, ins[1]], [raw], name=k["name"] + "/scale")
         else:
-            self.node("Cast", [ins[0]], [out + "/accf"], to=self.TP.FLOAT, name=k["name"])
-            self.node("Mul", [out + "/accf", ins[1]], [raw])
+            # the per-channel multiply as a 1x1 depthwise convolution: one product per
+            # element (the same value as Mul), and a kernel ONNX Runtime keeps in its
+            # blocked layout, so the convolution before it needs no layout conversion
+            c = w.shape[0]
+            s = np.broadcast_to(np.asarray(self.om.tensors[k["inputs"][1]], np.float32)
+                                .reshape(-1), (c,))
+            dw = self.const(k["inputs"][1] + "/dw", s.reshape((c, 1) + (1,) * (w.ndim - 2)))
+            self.node("Conv", [acc, dw], [raw], name=k["name"] + "/scale", group=c,
+                      kernel_shape=[1] * (w.ndim - 2))
         if raw != out:
             self.round16(raw, out)
 
@@ -412,10 +528,11 @@ class FastEngine:
         builder = _GraphBuilder(om, npu)
         self.model = builder.build(debug=debug)
         self.float_int = builder.float_int
+        self.split = builder.split
         self.float_q = builder.float_q
         self.chunks = builder.chunks
         try:
-            self.sess = session(self.model, threads)
+            self.sess = session(self.model, threads, blocked=npu and not debug)
         except Exception as e:  # noqa: BLE001 - report which model failed, not ORT internals
             import re
             msg = str(e).splitlines()[0]

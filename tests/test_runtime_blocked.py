@@ -1,0 +1,86 @@
+"""The fast engine's production graph: ONNX Runtime's blocked layout kept across the FP16
+rounding, no inexact fusions, split biases and a saturating accumulator, each bit for bit
+equal to the unfused debug graph that the kernel-by-kernel verification checks."""
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from dopt.npu.compiler import compile_onnx  # noqa: E402
+from dopt.npu.profile import load_profile  # noqa: E402
+from dopt.quant import numerics as nm  # noqa: E402
+from dopt.runtime import blocked, fast  # noqa: E402
+from dopt.runtime.verify import kernel_agreement  # noqa: E402
+from tests.npu_models import BLOCKED_RANGES, blocked_net, params_for  # noqa: E402
+
+X = np.random.default_rng(7).uniform(-2, 3, (8, 16, 14, 14)).astype(np.float32)
+
+
+def _om(int8: bool, big_bias: float = 0.0):
+    model = blocked_net(big_bias)
+    params = params_for(model, BLOCKED_RANGES) if int8 else None
+    return compile_onnx(model, load_profile(), params=params)[0]
+
+
+def _reorders(model) -> int:
+    return sum(n.domain == blocked.NCHWC and n.op_type.startswith("Reorder")
+               for n in model.graph.node)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_production_graph_equals_the_debug_graph_bit_for_bit(int8):
+    om = _om(int8)
+    prod, debug = fast.FastEngine(om), fast.FastEngine(om, debug=True)
+    got, want = prod.run({"x": X})["y"], debug.run({"x": X})["y"]
+    assert np.array_equal(got, want)
+    # the rewrite really happened: ONNX Runtime's own graph converts layouts around the casts
+    opt = blocked.optimized_model(prod.model.SerializeToString(), fast._options(0),
+                                  fast.INEXACT_FUSIONS)
+    before = _reorders(opt)
+    removed = blocked.keep_blocked(opt, blocked.shapes_of(prod.model))
+    assert removed > 0 and _reorders(opt) == before - removed
+    rows = kernel_agreement(om, {"x": X})
+    assert all(r["within_bound"] for r in rows)
+    assert all(r["exact"] for r in rows if r["precision"] == "int8")
+
+
+def test_int8_layers_run_as_float_ops_on_their_input_range():
+    # q - o lies in [-128 - o, 127 - o]: the bound on partial sums uses that range, so
+    # every layer here runs as one float32 op (no ConvInteger, no channel chunks)
+    om = _om(True)
+    eng = fast.FastEngine(om)
+    assert {"expand", "dw", "project", "side", "fc"} <= eng.float_int and not eng.chunks
+    assert not any(n.op_type in ("ConvInteger", "MatMulInteger") for n in eng.model.graph.node)
+    # the bound is tight enough to matter and still safe: all weights at +127 on inputs
+    # of 0..255 reach 255 * 127 * K, which must stay below 2**24
+    w = np.full((1, 600, 1, 1), 127, np.int8)
+    assert fast.acc_bound(w, (0, 255))[0] == 255 * 127 * 600
+    assert fast.exact_in_float(w[:, :500], None, (0, 255))
+    assert not fast.exact_in_float(w[:, :600], None, (0, 255))
+    assert fast.acc_bound(np.array([[1, -1]], np.int8), (0, 255))[0] == 255
+
+
+def test_a_bias_too_large_for_float32_is_split_and_stays_exact():
+    # 3e4 in real units is ~1e9 in int32 units: over 2**24, so the integer op cannot run as
+    # one float32 op with its bias; the bias's large part is added after it
+    om = _om(True, big_bias=3e4)
+    eng = fast.FastEngine(om)
+    assert "project" in eng.split
+    rows = kernel_agreement(om, {"x": X})
+    assert all(r["exact"] for r in rows if r["precision"] == "int8"), \
+        [r for r in rows if r["precision"] == "int8" and not r["exact"]]
+    assert np.array_equal(eng.run({"x": X})["y"], fast.FastEngine(om, debug=True)
+                          .run({"x": X})["y"])
+
+
+def test_the_int32_accumulator_saturates_like_the_numerics():
+    # a bias past the int32 range is stored saturated; the products can push the sum past
+    # it: numerics.int8_linear clamps the accumulator, and so do both engines
+    om = _om(True, big_bias=1e6)
+    bq = om.tensors["project.bias_q"]
+    assert bq.min() == nm.INT32_MIN or bq.max() == nm.INT32_MAX
+    rows = kernel_agreement(om, {"x": X})
+    assert all(r["exact"] for r in rows if r["precision"] == "int8")
+    acc = fast.FastEngine(om, debug=True).run({"x": X})["project/acc"]
+    assert acc.min() >= nm.INT32_MIN and acc.max() <= float(nm.INT32_MAX) + 1

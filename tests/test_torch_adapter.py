@@ -106,6 +106,21 @@ def test_fake_quant_gradients_ste_and_range():
     assert hi.grad.item() > 0 and lo.grad.item() > 0
 
 
+def test_ste_mask_is_the_clamp_range_at_its_edges():
+    # the gradient passes where the clamp leaves rint(x/s) alone: up to half a step past
+    # each end of [qmin - o, qmax - o], taken from x in one pass (no saved mask)
+    lo, hi = torch.tensor(-1.0, requires_grad=True), torch.tensor(4.0, requires_grad=True)
+    s, o = fq.activation_qparams_float(-1.0, 4.0)
+    a, b = fq.QMIN - o, fq.QMAX - o
+    x = torch.tensor([a * s, (a - 0.4) * s, (a - 0.6) * s, b * s, (b + 0.4) * s,
+                      (b + 0.6) * s], requires_grad=True)
+    y = fq.fake_quant_activation(x, lo, hi)
+    y.sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+    r = torch.round(x.detach() / s)
+    assert ((r >= a) & (r <= b)).tolist() == [g == 1.0 for g in x.grad.tolist()]
+
+
 def test_optimize_calibrate_and_fold(tmp_path):
     q, _ = calibrated(tmp_path)
     names = [n for n, _ in quant_layers(q)]

@@ -26,13 +26,17 @@ def activation_qparams_float(lo: float, hi: float) -> tuple[float, float]:
 
 
 def _quant_dequant(x, s: float, o: float):
-    """``(x~, inside)``: ``x~ = (clamp(rint(x/s) + o, qmin, qmax) - o) * s`` and the mask of
-    elements the clamp left alone. With integer ``o``, ``clamp(rint(x/s) + o) - o`` is exactly
+    """``x~ = (clamp(rint(x/s) + o, qmin, qmax) - o) * s``: one new tensor, the rest in
+    place. With integer ``o``, ``clamp(rint(x/s) + o) - o`` is exactly
     ``clamp(rint(x/s), qmin - o, qmax - o)``."""
-    r = torch.div(x, s).round_()
-    q = torch.clamp(r, QMIN - o, QMAX - o)
-    inside = q.eq(r)
-    return q.mul_(s), inside
+    return torch.div(x, s).round_().clamp_(QMIN - o, QMAX - o).mul_(s)
+
+
+def inside_bounds(s: float, o: float) -> tuple[float, float]:
+    """Open interval of ``x`` the clamp leaves alone: ``rint(x/s)`` in ``[qmin - o, qmax - o]``
+    (integers) is ``x/s`` strictly within half a step of them (ties, a set of measure zero,
+    count as outside)."""
+    return (QMIN - o - 0.5) * s, (QMAX - o + 0.5) * s
 
 
 class _FakeQuantAct(torch.autograd.Function):
@@ -40,20 +44,21 @@ class _FakeQuantAct(torch.autograd.Function):
     def forward(ctx, x, lo, hi):
         lo_f, hi_f = float(lo), float(hi)
         s, o = activation_qparams_float(lo_f, hi_f)
-        out, inside = _quant_dequant(x, s, o)
+        out = _quant_dequant(x, s, o)
         # the output is the next layer's input, kept alive by it anyway: saving it is free
-        ctx.save_for_backward(x, out, inside)
+        ctx.save_for_backward(x, out)
         ctx.q = (lo_f, hi_f, s, o)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x, out, inside = ctx.saved_tensors
+        x, out = ctx.saved_tensors
         lo, hi, s, o = ctx.q
         # LSQ, per element: dx~/dx = [inside]; dx~/ds = rint(x/s) - x/s = (x~ - x)/s inside and
         # (q_clamped - o) = x~/s outside; dx~/do = -s outside. Summed against g:
         #   s * dL/ds = <g, x~> - <g_x, x>,   dL/do = -s * (sum g - sum g_x)
-        gx = torch.where(inside, g, 0.0)
+        # the straight-through mask from x itself, in ATen's one-pass clamp backward
+        gx = torch.ops.aten.hardtanh_backward(g, x, *inside_bounds(s, o))
         gs = (_dot(g, out) - _dot(gx, x)) / s
         go = -s * (float(g.sum()) - float(gx.sum()))
         # chain to lo/hi: s = (hi' - lo') / 255, o = clamp(rint(-128 - lo'/s)) with a

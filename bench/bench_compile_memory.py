@@ -111,9 +111,17 @@ def main(argv=None) -> int:
         rows.append(run_model(name))
         print(json.dumps(rows[-1]), flush=True)
     OUT.mkdir(exist_ok=True)
-    (OUT / "compile_memory.json").write_text(json.dumps(
-        {"machine": platform.platform(), "python": platform.python_version(),
-         "date": time.strftime("%Y-%m-%d"), "imports": base, "rows": rows}, indent=1))
+    path = OUT / "compile_memory.json"
+    # rows of models not measured in this run are kept (each row carries its date)
+    kept = json.loads(path.read_text()).get("rows", []) if path.is_file() else []
+    day = time.strftime("%Y-%m-%d")
+    for r in rows:
+        r["date"] = day
+    rows = [r for r in kept if r["model"] not in a.models] + rows
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"machine": platform.platform(), "python": platform.python_version(),
+                               "date": day, "imports": base, "rows": rows}, indent=1))
+    tmp.replace(path)
     print(table(rows, base))
     return 0
 

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 import os
 
 import numpy as np
@@ -467,3 +468,62 @@ def test_export_check_catches_a_wrong_qdq_model(tmp_path, monkeypatch):
     msg = _err(generate_final_model, build_wide(), str(cfg),
                pth_file=str(tmp_path / "quant.pth"), output_dir=str(out))
     assert "does not reproduce the fake-quant model" in msg and not out.exists()
+    assert "layer 'conv1'" in msg  # compared layer by layer: the culprit is named
+
+
+class _SameConv(torch.nn.Conv2d):
+    """TF-"SAME" convolution as EfficientNet and timm ports write it: the asymmetric
+    padding of a stride-2 layer added in forward."""
+
+    def forward(self, x):
+        return super().forward(torch.nn.functional.pad(x, (0, 1, 0, 1)))
+
+
+class _SameNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = _SameConv(20, 32, 3, 2, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(32)
+        self.dw = _SameConv(32, 32, 3, 2, groups=32, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(32)
+        self.pw = torch.nn.Conv2d(32, 48, 1)
+        self.fc = torch.nn.Linear(48, 10)
+        for bn in (self.bn1, self.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.data.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        y = torch.nn.functional.relu6(self.bn1(self.stem(x)))
+        y = torch.nn.functional.relu6(self.bn2(self.dw(y)))
+        return self.fc(self.pw(y).mean((2, 3)))
+
+
+def test_conv_subclass_with_its_own_forward_keeps_its_padding_and_folds_its_bn(tmp_path):
+    # before: the quantized wrapper ran the convolution from its attributes alone (the
+    # padding added in forward was lost, 9x9 maps instead of 8x8) and torch.fx traced into
+    # the subclass, so its BatchNorm was not folded while the export folded it
+    model = _SameNet().eval()
+    cfg = write_cfg(tmp_path, model, shape=WIDE_SHAPE)
+    q = optimize_model(_SameNet().eval(), str(cfg))
+    layers = dict(quant_layers(q))
+    assert layers["stem"].bn_name == "bn1" and layers["dw"].bn_name == "bn2"
+    shapes = []
+    q.dw.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    set_calibrate_state(q, True)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(4):
+            q(wide_data(16, g))
+    set_calibrate_state(q, False)
+    q.eval()
+    x = wide_data(8, g)
+    with torch.no_grad():
+        ref, got = model(x), q(x)
+    assert shapes[-1] == (8, 32, 4, 4)
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+    torch.save(q.state_dict(), tmp_path / "q.pth")
+    files = generate_final_model(_SameNet().eval(), str(cfg), pth_file=str(tmp_path / "q.pth"),
+                                 output_dir=str(tmp_path / "out"))
+    assert Path(files["qdq_onnx"]).is_file()

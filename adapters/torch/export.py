@@ -141,6 +141,23 @@ def _name_layers(m, quantizable: list[str]) -> dict[str, str]:
     return placed
 
 
+def _each_layer(qmodel, sample, fn) -> None:
+    """Run the fake-quant model on ``sample`` calling ``fn(name, input, output)`` at the
+    first call of each quantized layer (nothing is kept: memory stays one layer's maps)."""
+    done, hooks = set(), []
+    for name, layer in quant_layers(qmodel):
+        def hook(m, args, out, name=name):
+            if name not in done:
+                done.add(name)
+                fn(name, args[0].detach(), out.detach())
+        hooks.append(layer.register_forward_hook(hook))
+    try:
+        _run_torch(qmodel, sample)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def _run_torch(model, sample):
     with torch.no_grad():
         out = model(*sample.values())
@@ -216,11 +233,19 @@ def _generate_final_model(model, config_file, pth_file, output_dir):
 
     feeds = {k: v.numpy() for k, v in sample.items()}
     ref_float = _run_torch(_unfused_float(qmodel), sample)
-    ref_q = _run_torch(qmodel, sample)
     got_float = onnx_qdq.ort_session(fused.SerializeToString()).run(None, feeds)
     check_float(ref_float, got_float)
-    got_q = onnx_qdq.ort_session(qdq.SerializeToString()).run(None, feeds)
-    check_quantized(ref_q, got_q, "the QDQ ONNX model on ONNX Runtime")
+    # the quantized layers one by one, each fed the fake-quant model's own input for it
+    shapes = {}
+    _each_layer(qmodel, sample, lambda name, x, y: shapes.setdefault(name, tuple(x.shape)))
+    subs = onnx_qdq.layer_models(qdq, shapes, feeds)
+
+    def compare(name, x, y):
+        sub, inp = subs[name]
+        got = onnx_qdq.ort_session(sub.SerializeToString()).run(None, {inp: x.numpy()})
+        check_quantized([y.numpy()], got, f"layer '{name}' of the QDQ ONNX model on ONNX "
+                        "Runtime")
+    _each_layer(qmodel, sample, compare)
 
     import onnx
     with staged_outputs(output_dir) as stage:

@@ -30,8 +30,17 @@ def trace(model: nn.Module):
     not trace: such a model keeps its BatchNorms unfolded (still correct, just not folded)."""
     import torch.fx
 
+    class _Tracer(torch.fx.Tracer):
+        # a Conv2d / Linear / BatchNorm2d subclass (TF-"SAME" padding convolutions of
+        # EfficientNet and timm ports) is one call, as nn's own are: traced into, its conv
+        # would be a bare function call and its BatchNorm would go unfolded
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)) \
+                or super().is_leaf_module(m, qualname)
+
     try:
-        return torch.fx.symbolic_trace(model)
+        root = _Tracer().trace(model)
+        return torch.fx.GraphModule(model, root, type(model).__name__)
     except Exception as e:  # untraceable forward: no folding, which is still correct
         warnings.warn(f"dopt: could not trace {type(model).__name__} with torch.fx ({e}); "
                       "BatchNorm layers will not be folded into convolutions", stacklevel=3)

@@ -166,8 +166,25 @@ def fold_bn(w, b, bn: nn.BatchNorm2d):
     return w * f.reshape(-1, 1, 1, 1), beta + (b0 - bn.running_mean) * f
 
 
+def _own_forward(conv: nn.Conv2d, x, w, b):
+    """``conv``'s own forward with ``w``/``b`` in place of its parameters, hooks not run."""
+    params = conv._parameters
+    saved = params["weight"], params.get("bias")
+    params["weight"], params["bias"] = w, b
+    try:
+        return type(conv).forward(conv, x)
+    finally:
+        params["weight"], params["bias"] = saved
+
+
 def conv2d_as(conv: nn.Conv2d, x, w, b):
-    """``conv``'s geometry and padding mode with another weight and bias."""
+    """``conv``'s geometry and padding mode with another weight and bias.
+
+    A Conv2d subclass with its own forward (TF-"SAME" padding added in forward, as in
+    EfficientNet and timm ports) runs that forward with the given weight and bias: the
+    geometry attributes alone would drop its padding and change the network."""
+    if type(conv).forward is not nn.Conv2d.forward and "weight" in conv._parameters:
+        return _own_forward(conv, x, w, b)
     if conv.padding_mode != "zeros":
         x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
         return F.conv2d(x, w, b, conv.stride, 0, conv.dilation, conv.groups)

@@ -175,6 +175,72 @@ def build_qdq(model, params: dict):
     return m
 
 
+def layer_models(qdq_model, in_shapes: dict[str, tuple], feeds: dict) -> dict[str, tuple]:
+    """``{layer: (model, input name)}``: for each quantized layer (a node of ``qdq_model``
+    whose first input is a ``DequantizeLinear`` of a ``QuantizeLinear``) the part of the
+    graph that computes its output from the float tensor its input quantization reads.
+
+    ``in_shapes``: the layer's input shape as the framework sees it; where the quantized
+    tensor has another shape (a ``Pad`` a convolution adds in its own forward, quantized
+    after it in the graph), the cut moves back through first inputs until the shape,
+    as a run on ``feeds`` gives it, matches; at most ``len(graph)`` steps. Used to compare
+    the export layer by layer: compared end to end, a rounding tie resolved differently in
+    one layer spreads through every later one, and a deep network fails a tolerance that a
+    wrong scale would fail the same way.
+    """
+    onnx, _ = _onnx()
+    from onnx import helper
+    from onnx.utils import Extractor
+    producer = {o: n for n in qdq_model.graph.node for o in n.output}
+    consts = {i.name for i in qdq_model.graph.initializer}
+
+    def data_input(t):  # the first input carries the data (Pad, Clip, Reshape, Cast...)
+        p = producer.get(t)
+        if p is None or not p.input or p.input[0] in consts \
+                or p.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            return None
+        return p.input[0]
+
+    chains = {}
+    for node in qdq_model.graph.node:
+        if node.name not in in_shapes:
+            continue
+        dq = producer.get(node.input[0])
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" \
+            else None
+        if q is None or q.op_type != "QuantizeLinear":
+            raise DoptError(f"layer '{node.name}' has no input quantization in the QDQ model",
+                            field=node.name, hint="its parameter record was not applied")
+        chain, t = [], q.input[0]
+        for _ in range(len(qdq_model.graph.node)):
+            if t is None or t in chain:
+                break
+            chain.append(t)
+            t = data_input(t)
+        chains[node.name] = (chain, node.output[0])
+    # the real shapes of the candidate cuts, from one run
+    probe = onnx.ModelProto()
+    probe.CopyFrom(qdq_model)
+    have = {o.name for o in probe.graph.output} | set(feeds)
+    wanted = [t for c, _ in chains.values() for t in c[:8] if t not in have]
+    for t in dict.fromkeys(wanted):
+        probe.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    sess = ort_session(probe.SerializeToString())
+    names = [o.name for o in sess.get_outputs()]
+    shapes = {n: v.shape for n, v in zip(names, sess.run(None, feeds))}
+    shapes.update({k: np.asarray(v).shape for k, v in feeds.items()})
+    cuts = {name: (next((t for t in chain[:8] if shapes.get(t) == tuple(in_shapes[name])),
+                        chain[0]), y) for name, (chain, y) in chains.items()}
+    m = onnx.shape_inference.infer_shapes(qdq_model)
+    known = {vi.name for vi in list(m.graph.value_info) + list(m.graph.input)
+             + list(m.graph.output)}
+    for t in {t for c in cuts.values() for t in c} - known:  # the extractor needs a type
+        m.graph.value_info.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT,
+                                                                None))
+    ex = Extractor(m)
+    return {name: (ex.extract_model([cut], [y]), cut) for name, (cut, y) in cuts.items()}
+
+
 def ort_session(path_or_bytes, *, optimize: bool = False, threads: int = 0):
     """A CPU ONNX Runtime session; graph optimizations off unless asked (exact QDQ semantics).
 

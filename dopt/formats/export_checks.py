@@ -4,7 +4,8 @@
 exact up to float re-association): ``max|diff| <= FUSE_RTOL * max|ref| + FUSE_ATOL``.
 (2) The quantized deployable form (QDQ ONNX, or the frozen graph with the parameter file)
 must reproduce the fake-quant model (the PyTorch adapter compares each quantized layer fed
-the fake-quant model's own input for it, ``qdq.layer_models``, so ties do not accumulate): ``max|diff| <= QDQ_RTOL * max|ref| + QDQ_ATOL`` and
+the fake-quant model's own input for it, ``qdq.layer_models``, so ties do not accumulate):
+``max|diff| <= QDQ_RTOL * max|ref| + QDQ_ATOL`` and
 ``mean|diff| <= QDQ_MEAN_RTOL * mean|ref| + QDQ_ATOL``. A rounding tie resolved differently
 after float re-association moves one activation by one step and spreads downstream (seen:
 mean 0.08 %, max 0.6 % on the MobileNetV2-style demo); a wrong scale or offset shows

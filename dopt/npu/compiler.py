@@ -23,7 +23,7 @@ from .fp16range import measure, measure_drift
 from .lower import IRGraph, IRNode, lower_onnx
 from .omfile import OmModel
 from .precheck import precheck
-from .prepare import TARGET_OPSET, prepare
+from .prepare import TARGET_OPSET, prepare, take_weights
 from .profile import HardwareProfile
 from .rules import CPU, FUSED, Device, concat_split_in_place
 
@@ -40,10 +40,13 @@ class _Initializers(Mapping):
     builder casts each weight once (to FP16 or INT8), so holding a float32 copy of every
     weight beside the model would double the compiler's peak memory for nothing."""
 
-    def __init__(self, model):
+    def __init__(self, model, weights: dict | None = None):
         self._protos = {i.name: i for i in model.graph.initializer}
+        self._weights = weights or {}
 
     def __getitem__(self, name: str) -> np.ndarray:
+        if name in self._weights:   # taken out of the model (prepare.take_weights)
+            return self._weights[name]
         from onnx import numpy_helper
         return numpy_helper.to_array(self._protos[name])
 
@@ -59,12 +62,12 @@ class _Initializers(Mapping):
 
 class _Builder:
     def __init__(self, model, g: IRGraph, report: dict, profile: HardwareProfile,
-                 params: dict | None, weight_dtype: str):
+                 params: dict | None, weight_dtype: str, weights: dict | None = None):
         self.g, self.profile = g, profile
         self.params = params or {}
         self.wdt = np.float16 if weight_dtype == "FP16" else np.float32
         self.outcome = {x["node"]: x for x in report["nodes"]}
-        self.inits = _Initializers(model)
+        self.inits = _Initializers(model, weights)
         self.onnx_nodes = {n.name: n for n in model.graph.node}
         self.dtypes = {}
         for vi in list(model.graph.value_info) + list(model.graph.input) + \
@@ -374,20 +377,55 @@ def check_params_against_model(doc: dict, model, file: str) -> None:
                             hint="use the parameter file produced together with this model")
 
 
+class Handover:
+    """A model handed to the compiler with no other reference to it: once its weights are
+    taken out (``prepare.take_weights``) the protobuf that held them is freed, and the
+    compiler holds the weights once instead of twice (``dopt omg`` on a 100 MB model)."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def peek(self):
+        """The model, still handed over (for a build that is not the last)."""
+        return self._model
+
+    def take(self):
+        model, self._model = self._model, None
+        return model
+
+
 def analyze(model, profile: HardwareProfile, *, params: dict | None = None,
             params_file: str | None = None, input_shapes=None, out_nodes=None,
             op_name_map: dict | None = None, source: str | None = None,
             fp16_check: bool = True, samples: dict | None = None, consume: bool = False):
+    m, g, report, _ = _analyze(model, profile, params=params, params_file=params_file,
+                               input_shapes=input_shapes, out_nodes=out_nodes,
+                               op_name_map=op_name_map, source=source, fp16_check=fp16_check,
+                               samples=samples, consume=consume, take=False)
+    return m, g, report
+
+
+def _analyze(model, profile: HardwareProfile, *, params, params_file, input_shapes,
+             out_nodes, op_name_map, source, fp16_check, samples, consume, take):
     """Prepare, lower and pre-check ``model`` as the compiler sees it: ``(prepared ONNX,
     IR graph, report)``. ``dopt omg --mode 3`` and ``--mode 0`` share it, so the report
     describes the graph that is compiled (constants folded, shape arithmetic gone).
     ``fp16_check``: measure kernel outputs on ``samples`` (or seeded random inputs) for the
     FP16 range rule. ``consume=True``: ``model`` is handed over and prepared in place (no
-    copy of the weights)."""
+    copy of the weights); a ``Handover`` is handed over for good. ``take=True`` (the
+    compiler): the large weights are taken out into arrays (``prepare.take_weights``),
+    returned fourth, and every later stage reads them there; the returned model is then a
+    skeleton (names, types and dims of those weights, no data)."""
+    if isinstance(model, Handover):
+        model, consume = model.take(), True
     m = prepare(model, input_shapes=input_shapes, out_nodes=out_nodes, file=source,
                 consume=consume)
+    del model
     if params is not None:
         check_params_against_model(params, m, params_file)
+    weights = None
+    if take:
+        m, weights = take_weights(m)   # the prepared model (and its weights) freed here
     layers = set(params["layers"]) if params else set()
     g = lower_onnx(m)
     for n in g.nodes:
@@ -396,12 +434,12 @@ def analyze(model, profile: HardwareProfile, *, params: dict | None = None,
     report = precheck(g, profile, layers)
     if fp16_check:
         cpu = {x["node"] for x in report["nodes"] if x["outcome"] == CPU}
-        ranges = measure(m, g, cpu, samples)
-        drift = measure_drift(m, g, cpu, samples)
+        ranges = measure(m, g, cpu, samples, weights=weights)
+        drift = measure_drift(m, g, cpu, samples, weights=weights)
         if ranges or drift:
             report = precheck(g, profile, layers, fp16_ranges=ranges, fp16_drift=drift)
     report["fusions"] = fusion_groups(g, report, profile)
-    return m, g, report
+    return m, g, report, weights
 
 
 def compile_onnx(model, profile: HardwareProfile, *, params: dict | None = None,
@@ -413,11 +451,15 @@ def compile_onnx(model, profile: HardwareProfile, *, params: dict | None = None,
     ``aipp``: checked ``aipp_op`` specs (``aipp_config.parse_file``), put first on their
     inputs by ``aipp_graph.insert``. ``consume=True``: ``model`` is handed over (see
     ``analyze``)."""
-    m, g, report = analyze(model, profile, params=params, params_file=params_file,
-                           input_shapes=input_shapes, out_nodes=out_nodes,
-                           op_name_map=op_name_map, source=source, consume=consume)
+    m, g, report, weights = _analyze(model, profile, params=params, params_file=params_file,
+                                     input_shapes=input_shapes, out_nodes=out_nodes,
+                                     op_name_map=op_name_map, source=source, fp16_check=True,
+                                     samples=None, consume=consume, take=True)
+    del model
     layers = params["layers"] if params else {}
-    kernels, tensors = _Builder(m, g, report, profile, layers, weight_data_type).build()
+    kernels, tensors = _Builder(m, g, report, profile, layers, weight_data_type,
+                                weights).build()
+    del weights
     inits = {i.name for i in m.graph.initializer}
     graph = {
         "opset": TARGET_OPSET,

@@ -93,15 +93,15 @@ def _session(skel):
     return ort.InferenceSession(skel.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def _run(skel, model, feeds: dict) -> dict | None:
+def _run(skel, model, feeds: dict, weights: dict | None = None) -> dict | None:
     """Run ``skel`` (a ``prepare.skeleton`` of ``model``, changed for a measurement) with
     ``model``'s weights fed in place: ``{output name: array}``, or None when ONNX Runtime
     refuses the graph (no measurement is no finding, never a failed compile)."""
     try:
-        weights = weights_as_inputs(skel, model)
+        fed = weights_as_inputs(skel, model, weights)
         sess = _session(skel)
         names = [o.name for o in sess.get_outputs()]
-        return dict(zip(names, sess.run(None, {**feeds, **weights})))
+        return dict(zip(names, sess.run(None, {**feeds, **fed})))
     except Exception:  # noqa: BLE001 - see the docstring
         return None
 
@@ -149,9 +149,11 @@ def _add_statistics(m, tensors: list[str], types: dict) -> dict[str, tuple[str, 
     return out
 
 
-def measure(model, graph: IRGraph, cpu_nodes: set[str], feeds: dict | None = None) -> dict:
+def measure(model, graph: IRGraph, cpu_nodes: set[str], feeds: dict | None = None,
+            weights: dict | None = None) -> dict:
     """``{kernel: {"tensor", "amax", "min", "max", "nonfinite"}}`` from one float32 run;
-    divisions add ``"divisor", "flushed", "flushed_min"`` (``flushed_to_zero``)."""
+    divisions add ``"divisor", "flushed", "flushed_min"`` (``flushed_to_zero``).
+    ``weights``: the arrays ``prepare.take_weights`` took out of ``model``."""
     from onnx import helper, numpy_helper
 
     wanted = kernel_outputs(graph, cpu_nodes)
@@ -175,7 +177,7 @@ def measure(model, graph: IRGraph, cpu_nodes: set[str], feeds: dict | None = Non
         if t not in have:
             m.graph.output.append(helper.make_tensor_value_info(t, types.get(t, 1), None))
     stat_names = _add_statistics(m, reduced, types)
-    vals = _run(m, model, feeds)
+    vals = _run(m, model, feeds, weights)
     if vals is None:
         return {}
     stats = {}
@@ -193,7 +195,8 @@ def measure(model, graph: IRGraph, cpu_nodes: set[str], feeds: dict | None = Non
                     "nonfinite": int(vals[bad_name])}
     out = {k: dict(stats[t], tensor=t) for k, t in wanted.items() if t in stats}
     for k, t in divisors.items():
-        v = numpy_helper.to_array(consts[t]) if t in consts else feeds.get(t, vals.get(t))
+        v = (weights[t] if weights and t in weights else numpy_helper.to_array(consts[t])) \
+            if t in consts else feeds.get(t, vals.get(t))
         if k not in out or v is None or not np.issubdtype(np.asarray(v).dtype, np.floating):
             continue
         n, smallest = flushed_to_zero(v)
@@ -311,7 +314,7 @@ def _add_twin(m, kernel_tensors: set[str], types: dict, cpu_nodes: set[str]
 
 
 def measure_drift(model, graph: IRGraph, cpu_nodes: set[str], feeds: dict | None = None,
-                  tolerance: float = FP16_DRIFT_TOLERANCE) -> dict:
+                  tolerance: float = FP16_DRIFT_TOLERANCE, weights: dict | None = None) -> dict:
     """How far FP16 moves the network on sample inputs (see the module docstring):
     ``{"tolerance", "outputs": {graph output: relative drift}, "kernels": {kernel: relative
     drift} (graph order), "first": the kernel where the drift first passes the tolerance
@@ -330,7 +333,7 @@ def measure_drift(model, graph: IRGraph, cpu_nodes: set[str], feeds: dict | None
              for vi in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input)}
     graph_outputs = [o.name for o in m.graph.output]
     outs = _add_twin(m, set(wanted.values()), types, cpu_nodes)
-    vals = _run(m, model, feeds)
+    vals = _run(m, model, feeds, weights)
     if vals is None:
         return {}
 

@@ -181,25 +181,29 @@ def _onnx_shapes(shapes, model):
 def _compile(a, model, profile, doc, shapes, out_nodes, specs, dyn, op_map):
     """``(om, report)``: one static build, or one build per ``--dynamic_dims`` gear merged
     into one ``.om`` (the report is gear 0's, with every gear's summary under ``gears``)."""
-    from .compiler import compile_onnx
+    from .compiler import Handover, compile_onnx
+    if not isinstance(model, Handover):
+        model = Handover(model)
 
     def build(input_shapes, last=True):
-        # the model loaded from --model is needed by nothing after its last build: handed over
-        return compile_onnx(model, profile, params=doc, params_file=a.compress_conf,
-                            input_shapes=input_shapes, out_nodes=out_nodes,
-                            weight_data_type=a.weight_data_type, op_name_map=op_map,
-                            source=a.model, aipp=specs, aipp_file=a.insert_op_conf,
-                            consume=last)
+        # the model loaded from --model is needed by nothing after its last build: handed
+        # over for good (no reference left here, so its memory goes with its weights)
+        return compile_onnx(model if last else model.peek(), profile, params=doc,
+                            params_file=a.compress_conf, input_shapes=input_shapes,
+                            out_nodes=out_nodes, weight_data_type=a.weight_data_type,
+                            op_name_map=op_map, source=a.model, aipp=specs,
+                            aipp_file=a.insert_op_conf, consume=last)
     if not dyn:
         return build(shapes)
-    check_gears_aipp(dyn, specs, [i.name for i in model.graph.input])
+    check_gears_aipp(dyn, specs, [i.name for i in model.peek().graph.input])
     builds = []
     for gear in dyn["gears"]:
         print(f"compiling gear {len(builds) + 1}/{len(dyn['gears'])}: "
               + "; ".join(f"{n}:{','.join(map(str, d))}" for n, d in gear["shapes"].items()),
               flush=True)
         builds.append(build(_onnx_shapes({n: tuple(d) for n, d in gear["shapes"].items()},
-                                         model), last=len(builds) + 1 == len(dyn["gears"])))
+                                         model.peek()),
+                            last=len(builds) + 1 == len(dyn["gears"])))
     om = merge_gears(dyn, builds)
     report = builds[0][1]
     report["gears"] = [{"dims": x["dims"], "shapes": x["shapes"], "summary": x["summary"],
@@ -234,7 +238,7 @@ def _om_path(output: str) -> str:
 
 def run_compile(a) -> int:
     from . import omfile
-    from .compiler import parse_op_name_map
+    from .compiler import Handover, parse_op_name_map
     from .precheck import render_text
     from .profile import load_profile
     from ..formats import param_file as P
@@ -255,6 +259,7 @@ def run_compile(a) -> int:
     types = _io_types(a)   # checked before the (slower) model load
     doc = P.read_params(a.compress_conf) if a.compress_conf else None
     model, doc, shapes, out_nodes = _load_source(a, shapes, doc)
+    model = Handover(model)   # the only reference: the compiler frees it with its weights
     op_map = parse_op_name_map(a.op_name_map, profile) if a.op_name_map else None
     om, report = _compile(a, model, profile, doc, shapes, out_nodes, specs, dyn, op_map)
     _apply_io_types(a, om, types)

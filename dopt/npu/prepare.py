@@ -300,7 +300,20 @@ def skeleton(model):
     return s
 
 
-def weights_as_inputs(skel, model) -> dict:
+def take_weights(model) -> tuple:
+    """``(skeleton, weights)``: ``skeleton(model)`` and the data of its large initializers
+    as arrays by name. The compiler then drops ``model``: every later stage reads the
+    weights from these arrays, so they are held once. (Protobuf bytes cannot be read in
+    place from Python, and a message's memory is freed only with the whole message:
+    clearing the fields would free nothing.)"""
+    import numpy as np
+    from onnx import numpy_helper
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+               if int(np.prod(t.dims, dtype=np.int64)) > SKELETON_KEEP}
+    return skeleton(model), weights
+
+
+def weights_as_inputs(skel, model, weights: dict | None = None) -> dict:
     """Turn the weight placeholders of ``skel`` (``prepare.skeleton`` of ``model``) into
     graph inputs and return their arrays, to be fed with the data: ONNX Runtime reads fed
     arrays where they are, while a serialized model (or external initializers) it copies,
@@ -314,7 +327,8 @@ def weights_as_inputs(skel, model) -> dict:
         if src is None or int(np.prod(p.dims, dtype=np.int64)) <= SKELETON_KEEP:
             keep.append(p)   # kept with its data by the skeleton
             continue
-        arrays[p.name] = numpy_helper.to_array(src)
+        arrays[p.name] = weights[p.name] if weights and p.name in weights \
+            else numpy_helper.to_array(src)
         skel.graph.input.append(helper.make_tensor_value_info(p.name, p.data_type,
                                                               list(p.dims)))
     if arrays:

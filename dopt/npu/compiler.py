@@ -377,6 +377,16 @@ def check_params_against_model(doc: dict, model, file: str) -> None:
                             hint="use the parameter file produced together with this model")
 
 
+def _return_freed_memory() -> None:
+    """Give the pages of the freed model back to the system: glibc keeps freed heap memory
+    for reuse, and ONNX Runtime, which runs next, allocates its own (a no-op elsewhere)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class Handover:
     """A model handed to the compiler with no other reference to it: once its weights are
     taken out (``prepare.take_weights``) the protobuf that held them is freed, and the
@@ -426,6 +436,7 @@ def _analyze(model, profile: HardwareProfile, *, params, params_file, input_shap
     weights = None
     if take:
         m, weights = take_weights(m)   # the prepared model (and its weights) freed here
+        _return_freed_memory()
     layers = set(params["layers"]) if params else set()
     g = lower_onnx(m)
     for n in g.nodes:

@@ -2,7 +2,7 @@
 for INT8, the fake-quant model predicts the compiled INT8 ``.om`` on the emulated NPU.
 
 Hypothesis draws small networks (convolutions plain / grouped / depthwise, BatchNorm,
-residual adds, concatenations, pooling, ReLU / ReLU6 / LeakyReLU / HardSwish / Sigmoid /
+residual adds, concatenations, pooling, ReLU / ReLU6 / LeakyReLU / HardSwish / Sigmoid / SiLU /
 Tanh, linear heads; channel counts on both sides of the NPU's INT8 threshold, so narrow
 convolutions asked for INT8 are drawn often) and a configuration (any subset of the
 quantizable layers asked ``Quant_INT8-8``). Each case is calibrated on structured random
@@ -71,7 +71,7 @@ COMMON = dict(deadline=None, derandomize=True, database=None, print_blob=True,
 FAST = settings(max_examples=int(os.environ.get("DOPT_FIDELITY_EXAMPLES", "10")), **COMMON)
 SLOW = settings(max_examples=int(os.environ.get("DOPT_FIDELITY_SLOW_EXAMPLES", "80")), **COMMON)
 
-ACTS = ("none", "relu", "relu6", "leaky", "hardswish", "sigmoid", "tanh")
+ACTS = ("none", "relu", "relu6", "leaky", "hardswish", "sigmoid", "tanh", "silu")
 WIDTHS = (1, 3, 4, 8, 12, 16, 17, 20, 24, 32)
 
 
@@ -187,6 +187,7 @@ def torch_specs(draw):
 def _act(name: str):
     return {"none": nn.Identity(), "relu": nn.ReLU(), "relu6": nn.ReLU6(),
             "leaky": nn.LeakyReLU(0.1), "hardswish": nn.Hardswish(), "sigmoid": nn.Sigmoid(),
+            "silu": nn.SiLU(inplace=True),
             "tanh": nn.Tanh()}[name]
 
 
@@ -603,6 +604,23 @@ def test_regression_residual_add_reads_the_fp16_input(tmp_path):
             "hidden": 24, "head_act": "leaky", "classes": 3, "seed": 0}
     r = run_torch_case(spec, ["blocks.0.body.0", "fc", "fc1"], tmp_path)
     assert r["disagreements"] == 0 and r["max_rel_diff"] < 1e-3
+
+
+def test_regression_silu_rounds_like_its_two_exported_kernels(tmp_path):
+    """SiLU exports as Sigmoid then Mul, two FP16 kernels on the NPU, each output rounded;
+    the fake-quant model rounded ``x * sigmoid(x)`` once. On EfficientNet-B0 the inputs of
+    its quantized layers moved by a step at 0.7 % of the elements after the first block."""
+    spec = {"cin": 24, "size": 12, "blocks": [
+        {"kind": "conv", "cout": 32, "k": 3, "stride": 1, "groups": 1, "bn": True,
+         "act": "silu", "bias": False},
+        {"kind": "conv", "cout": 32, "k": 3, "stride": 1, "groups": 32, "bn": True,
+         "act": "silu", "bias": False},
+        {"kind": "conv", "cout": 48, "k": 1, "stride": 1, "groups": 1, "bn": True,
+         "act": "silu", "bias": False}], "hidden": 0, "head_act": "silu", "classes": 5,
+        "seed": 3}
+    names = quantizable(SpecNet(spec))
+    r = run_torch_case(spec, names, tmp_path)
+    assert r["disagreements"] == 0 and r["exact"] >= MIN_EXACT, r
 
 
 def test_regression_narrow_convolutions_asked_int8(tmp_path):

@@ -314,7 +314,10 @@ class Fp16Ops(TorchFunctionMode):
         self.paused = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if func is F.silu and not self.paused:
+            return _silu_as_exported(*args, **kwargs)
+        out = func(*args, **kwargs)
         if self.paused:
             return out
         if isinstance(out, torch.Tensor):
@@ -323,6 +326,18 @@ class Fp16Ops(TorchFunctionMode):
             return type(out)(_round_op_output(o, args) if isinstance(o, torch.Tensor) else o
                               for o in out)
         return out
+
+
+def _silu_as_exported(x, inplace: bool = False):
+    """SiLU as the ONNX export writes it (``Sigmoid`` then ``Mul``) and the NPU runs it: two
+    FP16 kernels, each output rounded; rounding ``x * sigmoid(x)`` once differs in the last
+    place often enough to move quantized values downstream (EfficientNet's blocks)."""
+    out = round_fp16(x * round_fp16(torch.sigmoid(x)))
+    if inplace:
+        with torch.no_grad():
+            x.copy_(out)
+        return x
+    return out
 
 
 def _round_op_output(t, args):

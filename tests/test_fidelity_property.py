@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -620,6 +621,24 @@ def test_regression_silu_rounds_like_its_two_exported_kernels(tmp_path):
         "seed": 3}
     names = quantizable(SpecNet(spec))
     r = run_torch_case(spec, names, tmp_path)
+    assert r["disagreements"] == 0 and r["exact"] >= MIN_EXACT, r
+
+
+def test_regression_gelu_rounds_like_its_exported_kernels(tmp_path, monkeypatch):
+    """GELU (tanh form) exports as nine ONNX ops, nine FP16 kernels on the NPU; rounded once
+    in the fake-quant model, 46 % of the samples were bit-identical, 94 % now. (The exact
+    form's ``Erf`` is computed by ONNX Runtime's own approximation, which differs from
+    PyTorch's in the last float32 place for 14 % of inputs: that case stays at 69 %.)"""
+    orig = _act
+    monkeypatch.setattr(sys.modules[__name__], "_act", lambda name: nn.GELU(approximate="tanh")
+                        if name == "gelu" else orig(name))
+    spec = {"cin": 24, "size": 12, "blocks": [
+        {"kind": "conv", "cout": 32, "k": 3, "stride": 1, "groups": 1, "bn": True,
+         "act": "gelu", "bias": False},
+        {"kind": "conv", "cout": 48, "k": 1, "stride": 1, "groups": 1, "bn": True,
+         "act": "gelu", "bias": False}], "hidden": 0, "head_act": "gelu", "classes": 5,
+        "seed": 3}
+    r = run_torch_case(spec, quantizable(SpecNet(spec)), tmp_path)
     assert r["disagreements"] == 0 and r["exact"] >= MIN_EXACT, r
 
 

@@ -315,8 +315,8 @@ class Fp16Ops(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.silu and not self.paused:
-            return _silu_as_exported(*args, **kwargs)
+        if func in _AS_EXPORTED and not self.paused:
+            return _AS_EXPORTED[func](*args, **kwargs)
         out = func(*args, **kwargs)
         if self.paused:
             return out
@@ -338,6 +338,20 @@ def _silu_as_exported(x, inplace: bool = False):
             x.copy_(out)
         return x
     return out
+
+
+def _gelu_as_exported(x, approximate: str = "none"):
+    """GELU as the ONNX export (opset 17) writes it, one FP16 rounding per kernel: exact
+    ``Div, Erf, Add, Mul, Mul``; tanh ``Mul, Mul, Mul, Add, Mul, Tanh, Add, Mul, Mul``."""
+    r = round_fp16
+    if approximate == "tanh":
+        x3 = r(x * r(x * x))
+        inner = r(0.7978845608028654 * r(x + r(0.044715 * x3)))
+        return r(0.5 * r(x * r(1.0 + r(torch.tanh(inner)))))
+    return r(r(x * r(r(torch.erf(r(x / 1.4142135623730951))) + 1.0)) * 0.5)
+
+
+_AS_EXPORTED = {F.silu: _silu_as_exported, F.gelu: _gelu_as_exported}
 
 
 def _round_op_output(t, args):

@@ -351,7 +351,18 @@ def _gelu_as_exported(x, approximate: str = "none"):
     return r(r(x * r(r(torch.erf(r(x / 1.4142135623730951))) + 1.0)) * 0.5)
 
 
-_AS_EXPORTED = {F.silu: _silu_as_exported, F.gelu: _gelu_as_exported}
+def _mish_as_exported(x, inplace: bool = False):
+    """Mish as exported: ``Softplus, Tanh, Mul``, three FP16 kernels."""
+    out = round_fp16(x * round_fp16(torch.tanh(round_fp16(F.softplus(x)))))
+    if inplace:
+        with torch.no_grad():
+            x.copy_(out)
+        return x
+    return out
+
+
+_AS_EXPORTED = {F.silu: _silu_as_exported, F.gelu: _gelu_as_exported,
+                F.mish: _mish_as_exported}
 
 
 def _round_op_output(t, args):

@@ -121,9 +121,12 @@ FLOAT_EXACT_BOUND = 1 << 24  # integers below this add exactly in float32, in an
 
 
 def input_range(k: dict) -> tuple[int, int]:
-    """The values ``q - o`` an INT8 layer's integer op reads: q in [-128, 127]."""
-    o = int((k["attrs"].get("input_offset") or {}).get("value", 127))
-    return -128 - o, 127 - o
+    """The values ``q - o`` an INT8 layer's integer op reads: q in [-128, 127] (the widest
+    range, |q - o| <= 255, when the kernel names no offset)."""
+    off = (k["attrs"].get("input_offset") or {}).get("value")
+    if off is None:
+        return -255, 255
+    return -128 - int(off), 127 - int(off)
 
 
 def _partial_bounds(wq: np.ndarray, x_range) -> tuple[np.ndarray, np.ndarray]:

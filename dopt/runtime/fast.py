@@ -50,12 +50,15 @@ def session(model, threads: int = 0, *, blocked: bool = False):
     data = model.SerializeToString()
     if blocked:
         from .blocked import keep_blocked, optimized_model, shapes_of
-        opt = optimized_model(data, _options(threads), INEXACT_FUSIONS)
-        if keep_blocked(opt, shapes_of(model)):
-            so = _options(threads)
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            return ort.InferenceSession(opt.SerializeToString(), so,
-                                        providers=["CPUExecutionProvider"])
+        try:
+            opt = optimized_model(data, _options(threads), INEXACT_FUSIONS)
+            if keep_blocked(opt, shapes_of(model)):
+                so = _options(threads)
+                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                return ort.InferenceSession(opt.SerializeToString(), so,
+                                            providers=["CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001 - a speed-up only: the plain session below is exact
+            pass
     return ort.InferenceSession(data, _options(threads), providers=["CPUExecutionProvider"],
                                 disabled_optimizers=INEXACT_FUSIONS)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 import warnings
@@ -173,7 +174,8 @@ def main(argv=None) -> int:
     rows = [bench_model(m, a.images, a.threads) for m in a.models]
     doc = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or 'cpu'}, "
            f"{__import__('os').cpu_count()} logical CPUs, {platform.system()}",
-           "command": "python -m bench.bench_npu_runtime " + " ".join(argv or []), "rows": rows}
+           "command": "python -m bench.bench_npu_runtime "
+           + " ".join(sys.argv[1:] if argv is None else argv), "rows": rows}
     Path(a.results).parent.mkdir(parents=True, exist_ok=True)
     Path(a.results).write_text(json.dumps(doc, indent=1))
     print("\n| model | INT8/FP16 .om size | INT8 agreement w/ fake-quant | FP16 agreement w/ float "

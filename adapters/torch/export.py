@@ -236,12 +236,10 @@ def _generate_final_model(model, config_file, pth_file, output_dir):
     got_float = onnx_qdq.ort_session(fused.SerializeToString()).run(None, feeds)
     check_float(ref_float, got_float)
     # the quantized layers one by one, each fed the fake-quant model's own input for it
-    shapes = {}
-    _each_layer(qmodel, sample, lambda name, x, y: shapes.setdefault(name, tuple(x.shape)))
-    subs = onnx_qdq.layer_models(qdq, shapes, feeds)
+    model_for = onnx_qdq.layer_models(qdq, quantized, feeds)
 
     def compare(name, x, y):
-        sub, inp = subs[name]
+        sub, inp = model_for(name, x.shape)
         got = onnx_qdq.ort_session(sub.SerializeToString()).run(None, {inp: x.numpy()})
         check_quantized([y.numpy()], got, f"layer '{name}' of the QDQ ONNX model on ONNX "
                         "Runtime")

@@ -175,22 +175,27 @@ def build_qdq(model, params: dict):
     return m
 
 
-def layer_models(qdq_model, in_shapes: dict[str, tuple], feeds: dict) -> dict[str, tuple]:
-    """``{layer: (model, input name)}``: for each quantized layer (a node of ``qdq_model``
-    whose first input is a ``DequantizeLinear`` of a ``QuantizeLinear``) the part of the
-    graph that computes its output from the float tensor its input quantization reads.
+LAYER_CUT_STEPS = 8   # how far back the cut of a quantized layer may move (Pad, Clip...)
 
-    ``in_shapes``: the layer's input shape as the framework sees it; where the quantized
+
+def layer_models(qdq_model, layers, feeds: dict):
+    """``model_for(layer, in_shape) -> (model, input name)``: for a quantized layer of
+    ``layers`` (a node of ``qdq_model`` whose first input is a ``DequantizeLinear`` of a
+    ``QuantizeLinear``), the part of the graph that computes its output from the float
+    tensor its input quantization reads.
+
+    ``in_shape``: the layer's input shape as the framework sees it; where the quantized
     tensor has another shape (a ``Pad`` a convolution adds in its own forward, quantized
-    after it in the graph), the cut moves back through first inputs until the shape,
-    as a run on ``feeds`` gives it, matches; at most ``len(graph)`` steps. Used to compare
-    the export layer by layer: compared end to end, a rounding tie resolved differently in
-    one layer spreads through every later one, and a deep network fails a tolerance that a
-    wrong scale would fail the same way.
+    after it in the graph), the cut moves back through first inputs, at most
+    ``LAYER_CUT_STEPS``, to the tensor whose shape, as one run on ``feeds`` gives it,
+    matches. Used to compare the export layer by layer: compared end to end, a rounding tie
+    resolved differently in one layer spreads through every later one, and a deep network
+    fails a tolerance that a wrong scale would fail the same way.
     """
     onnx, _ = _onnx()
     from onnx import helper
     from onnx.utils import Extractor
+    layers = set(layers)
     producer = {o: n for n in qdq_model.graph.node for o in n.output}
     consts = {i.name for i in qdq_model.graph.initializer}
 
@@ -203,7 +208,7 @@ def layer_models(qdq_model, in_shapes: dict[str, tuple], feeds: dict) -> dict[st
 
     chains = {}
     for node in qdq_model.graph.node:
-        if node.name not in in_shapes:
+        if node.name not in layers:
             continue
         dq = producer.get(node.input[0])
         q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" \
@@ -212,9 +217,7 @@ def layer_models(qdq_model, in_shapes: dict[str, tuple], feeds: dict) -> dict[st
             raise DoptError(f"layer '{node.name}' has no input quantization in the QDQ model",
                             field=node.name, hint="its parameter record was not applied")
         chain, t = [], q.input[0]
-        for _ in range(len(qdq_model.graph.node)):
-            if t is None or t in chain:
-                break
+        while t is not None and t not in chain and len(chain) < LAYER_CUT_STEPS:
             chain.append(t)
             t = data_input(t)
         chains[node.name] = (chain, node.output[0])
@@ -222,23 +225,25 @@ def layer_models(qdq_model, in_shapes: dict[str, tuple], feeds: dict) -> dict[st
     probe = onnx.ModelProto()
     probe.CopyFrom(qdq_model)
     have = {o.name for o in probe.graph.output} | set(feeds)
-    wanted = [t for c, _ in chains.values() for t in c[:8] if t not in have]
-    for t in dict.fromkeys(wanted):
+    for t in dict.fromkeys(t for c, _ in chains.values() for t in c if t not in have):
         probe.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
     sess = ort_session(probe.SerializeToString())
     names = [o.name for o in sess.get_outputs()]
     shapes = {n: v.shape for n, v in zip(names, sess.run(None, feeds))}
     shapes.update({k: np.asarray(v).shape for k, v in feeds.items()})
-    cuts = {name: (next((t for t in chain[:8] if shapes.get(t) == tuple(in_shapes[name])),
-                        chain[0]), y) for name, (chain, y) in chains.items()}
     m = onnx.shape_inference.infer_shapes(qdq_model)
     known = {vi.name for vi in list(m.graph.value_info) + list(m.graph.input)
              + list(m.graph.output)}
-    for t in {t for c in cuts.values() for t in c} - known:  # the extractor needs a type
-        m.graph.value_info.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT,
-                                                                None))
+    for t in {t for c, y in chains.values() for t in c + [y]} - known:  # the extractor
+        m.graph.value_info.append(                                       # needs a type
+            helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
     ex = Extractor(m)
-    return {name: (ex.extract_model([cut], [y]), cut) for name, (cut, y) in cuts.items()}
+
+    def model_for(layer: str, in_shape) -> tuple:
+        chain, y = chains[layer]
+        cut = next((t for t in chain if shapes.get(t) == tuple(in_shape)), chain[0])
+        return ex.extract_model([cut], [y]), cut
+    return model_for
 
 
 def ort_session(path_or_bytes, *, optimize: bool = False, threads: int = 0):

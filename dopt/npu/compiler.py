@@ -23,7 +23,7 @@ from .fp16range import measure, measure_drift
 from .lower import IRGraph, IRNode, lower_onnx
 from .omfile import OmModel
 from .precheck import precheck
-from .prepare import TARGET_OPSET, prepare, take_weights
+from .prepare import TARGET_OPSET, initializer_array, prepare, take_weights
 from .profile import HardwareProfile
 from .rules import CPU, FUSED, Device, concat_split_in_place
 
@@ -42,13 +42,10 @@ class _Initializers(Mapping):
 
     def __init__(self, model, weights: dict | None = None):
         self._protos = {i.name: i for i in model.graph.initializer}
-        self._weights = weights or {}
+        self._weights = weights
 
     def __getitem__(self, name: str) -> np.ndarray:
-        if name in self._weights:   # taken out of the model (prepare.take_weights)
-            return self._weights[name]
-        from onnx import numpy_helper
-        return numpy_helper.to_array(self._protos[name])
+        return initializer_array(self._protos[name], self._weights)
 
     def __contains__(self, name) -> bool:
         return name in self._protos

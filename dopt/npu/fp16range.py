@@ -27,7 +27,7 @@ import numpy as np
 
 from ..quant.numerics import FP16_DRIFT_TOLERANCE, FP16_MAX, FP16_MIN_NORMAL
 from .lower import IRGraph
-from .prepare import skeleton, weights_as_inputs
+from .prepare import initializer_array, skeleton, weights_as_inputs
 
 _FLOAT = (1, 10, 11)   # TensorProto FLOAT, FLOAT16, DOUBLE
 
@@ -154,7 +154,7 @@ def measure(model, graph: IRGraph, cpu_nodes: set[str], feeds: dict | None = Non
     """``{kernel: {"tensor", "amax", "min", "max", "nonfinite"}}`` from one float32 run;
     divisions add ``"divisor", "flushed", "flushed_min"`` (``flushed_to_zero``).
     ``weights``: the arrays ``prepare.take_weights`` took out of ``model``."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     wanted = kernel_outputs(graph, cpu_nodes)
     if not wanted:
@@ -195,8 +195,8 @@ def measure(model, graph: IRGraph, cpu_nodes: set[str], feeds: dict | None = Non
                     "nonfinite": int(vals[bad_name])}
     out = {k: dict(stats[t], tensor=t) for k, t in wanted.items() if t in stats}
     for k, t in divisors.items():
-        v = (weights[t] if weights and t in weights else numpy_helper.to_array(consts[t])) \
-            if t in consts else feeds.get(t, vals.get(t))
+        v = initializer_array(consts[t], weights) if t in consts \
+            else feeds.get(t, vals.get(t))
         if k not in out or v is None or not np.issubdtype(np.asarray(v).dtype, np.floating):
             continue
         n, smallest = flushed_to_zero(v)

@@ -307,10 +307,17 @@ def take_weights(model) -> tuple:
     place from Python, and a message's memory is freed only with the whole message:
     clearing the fields would free nothing.)"""
     import numpy as np
-    from onnx import numpy_helper
-    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+    weights = {t.name: initializer_array(t) for t in model.graph.initializer
                if int(np.prod(t.dims, dtype=np.int64)) > SKELETON_KEEP}
     return skeleton(model), weights
+
+
+def initializer_array(t, weights: dict | None = None):
+    """The data of initializer ``t``: from ``weights`` when ``take_weights`` moved it there."""
+    if weights and t.name in weights:
+        return weights[t.name]
+    from onnx import numpy_helper
+    return numpy_helper.to_array(t)
 
 
 def weights_as_inputs(skel, model, weights: dict | None = None) -> dict:
@@ -319,7 +326,7 @@ def weights_as_inputs(skel, model, weights: dict | None = None) -> dict:
     arrays where they are, while a serialized model (or external initializers) it copies,
     which held the weights three more times."""
     import numpy as np
-    from onnx import helper, numpy_helper
+    from onnx import helper
     full = {i.name: i for i in model.graph.initializer}
     arrays, keep = {}, []
     for p in skel.graph.initializer:
@@ -327,8 +334,7 @@ def weights_as_inputs(skel, model, weights: dict | None = None) -> dict:
         if src is None or int(np.prod(p.dims, dtype=np.int64)) <= SKELETON_KEEP:
             keep.append(p)   # kept with its data by the skeleton
             continue
-        arrays[p.name] = weights[p.name] if weights and p.name in weights \
-            else numpy_helper.to_array(src)
+        arrays[p.name] = initializer_array(src, weights)
         skel.graph.input.append(helper.make_tensor_value_info(p.name, p.data_type,
                                                               list(p.dims)))
     if arrays:

@@ -328,16 +328,20 @@ class Fp16Ops(TorchFunctionMode):
         return out
 
 
+def _result(x, out, inplace: bool):
+    """``out``, or written into ``x`` for an activation called with ``inplace=True``."""
+    if not inplace:
+        return out
+    with torch.no_grad():
+        x.copy_(out)
+    return x
+
+
 def _silu_as_exported(x, inplace: bool = False):
     """SiLU as the ONNX export writes it (``Sigmoid`` then ``Mul``) and the NPU runs it: two
     FP16 kernels, each output rounded; rounding ``x * sigmoid(x)`` once differs in the last
     place often enough to move quantized values downstream (EfficientNet's blocks)."""
-    out = round_fp16(x * round_fp16(torch.sigmoid(x)))
-    if inplace:
-        with torch.no_grad():
-            x.copy_(out)
-        return x
-    return out
+    return _result(x, round_fp16(x * round_fp16(torch.sigmoid(x))), inplace)
 
 
 def _gelu_as_exported(x, approximate: str = "none"):
@@ -353,12 +357,8 @@ def _gelu_as_exported(x, approximate: str = "none"):
 
 def _mish_as_exported(x, inplace: bool = False):
     """Mish as exported: ``Softplus, Tanh, Mul``, three FP16 kernels."""
-    out = round_fp16(x * round_fp16(torch.tanh(round_fp16(F.softplus(x)))))
-    if inplace:
-        with torch.no_grad():
-            x.copy_(out)
-        return x
-    return out
+    return _result(x, round_fp16(x * round_fp16(torch.tanh(round_fp16(F.softplus(x))))),
+                   inplace)
 
 
 _AS_EXPORTED = {F.silu: _silu_as_exported, F.gelu: _gelu_as_exported,

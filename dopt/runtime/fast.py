@@ -466,10 +466,8 @@ class _GraphBuilder:
             > nm.INT32_MAX
         z = out + "/unsat" if sat else out
         if op == "ConvInteger":  # y * 1 + hi per channel, a kernel the blocked layout keeps
-            c = w.shape[0]
-            one = self.const(k["name"] + "/one_dw", np.ones((c, 1) + (1,) * (w.ndim - 2),
-                                                             np.float32))
-            self.node("Conv", [y, one, hf], [z], group=c, kernel_shape=[1] * (w.ndim - 2))
+            self._channel_affine(y, z, k["name"] + "/one_dw", np.ones(w.shape[0], np.float32),
+                                 w.ndim, bias=hf)
         else:
             self.node("Add", [y, hf], [z])
         if sat:
@@ -497,6 +495,17 @@ class _GraphBuilder:
             acc = part + "/i" if acc is None else part + "/sum"
         return acc
 
+    def _channel_affine(self, src, dst, const_name, scale, ndim, bias=None, **attrs):
+        """``dst = src * scale[c] (+ bias[c])`` as a 1x1 depthwise convolution: one product
+        (and one addition) per element, the value of ``Mul`` (and ``Add``), in a kernel ONNX
+        Runtime keeps in its blocked layout, so the convolution before it needs no layout
+        conversion. ``ndim``: the rank of the layer's weight."""
+        c = scale.shape[0]
+        wt = self.const(const_name, np.ascontiguousarray(scale, np.float32)
+                        .reshape((c, 1) + (1,) * (ndim - 2)))
+        self.node("Conv", [src, wt] + ([bias] if bias else []), [dst], group=c,
+                  kernel_shape=[1] * (ndim - 2), **attrs)
+
     def _k_QuantizedConvolution(self, k, ins):
         self._int_op(k, ins, "ConvInteger", **onnx_attrs(k, self.om.tensors))
 
@@ -516,15 +525,10 @@ class _GraphBuilder:
         if w is None:
             self.node("Mul", [acc, ins[1]], [raw], name=k["name"] + "/scale")
         else:
-            # the per-channel multiply as a 1x1 depthwise convolution: one product per
-            # element (the same value as Mul), and a kernel ONNX Runtime keeps in its
-            # blocked layout, so the convolution before it needs no layout conversion
-            c = w.shape[0]
             s = np.broadcast_to(np.asarray(self.om.tensors[k["inputs"][1]], np.float32)
-                                .reshape(-1), (c,))
-            dw = self.const(k["inputs"][1] + "/dw", s.reshape((c, 1) + (1,) * (w.ndim - 2)))
-            self.node("Conv", [acc, dw], [raw], name=k["name"] + "/scale", group=c,
-                      kernel_shape=[1] * (w.ndim - 2))
+                                .reshape(-1), (w.shape[0],))
+            self._channel_affine(acc, raw, k["inputs"][1] + "/dw", s, w.ndim,
+                                 name=k["name"] + "/scale")
         if raw != out:
             self.round16(raw, out)
 

@@ -158,8 +158,8 @@ def keep_blocked(model, shapes: dict) -> int:
                                                   domain=NCHWC, name=t + "/reorder",
                                                   channels=blocked[t][1]))
             continue
-        if n.domain == NCHWC and n.op_type == "ReorderInput" and n.input[0] in blocked \
-                and not _attrs(n).get("channels_last", 0) and n.input[0] in twins:
+        if n.domain == NCHWC and n.op_type == "ReorderInput" and n.input[0] in twins \
+                and not _attrs(n).get("channels_last", 0):
             rename[n.output[0]] = blocked[n.input[0]][0]
             continue
         out_nodes.append(n)
@@ -180,9 +180,11 @@ def keep_blocked(model, shapes: dict) -> int:
 
 
 def shapes_of(model) -> dict:
-    """Tensor name -> shape (ints, symbolic names, ``None`` unknown) by ONNX inference."""
+    """Tensor name -> shape (ints, symbolic names, ``None`` unknown) by ONNX inference, on
+    a weight-free skeleton (inference serializes what it is given: the weights, again)."""
     import onnx
-    inf = onnx.shape_inference.infer_shapes(model)
+    from ..npu.prepare import skeleton
+    inf = onnx.shape_inference.infer_shapes(skeleton(model))
     out = {}
     for vi in list(inf.graph.value_info) + list(inf.graph.input) + list(inf.graph.output):
         tt = vi.type.tensor_type

@@ -607,39 +607,27 @@ def test_regression_residual_add_reads_the_fp16_input(tmp_path):
     assert r["disagreements"] == 0 and r["max_rel_diff"] < 1e-3
 
 
-def test_regression_silu_rounds_like_its_two_exported_kernels(tmp_path):
-    """SiLU exports as Sigmoid then Mul, two FP16 kernels on the NPU, each output rounded;
-    the fake-quant model rounded ``x * sigmoid(x)`` once. On EfficientNet-B0 the inputs of
-    its quantized layers moved by a step at 0.7 % of the elements after the first block."""
-    spec = {"cin": 24, "size": 12, "blocks": [
-        {"kind": "conv", "cout": 32, "k": 3, "stride": 1, "groups": 1, "bn": True,
-         "act": "silu", "bias": False},
-        {"kind": "conv", "cout": 32, "k": 3, "stride": 1, "groups": 32, "bn": True,
-         "act": "silu", "bias": False},
-        {"kind": "conv", "cout": 48, "k": 1, "stride": 1, "groups": 1, "bn": True,
-         "act": "silu", "bias": False}], "hidden": 0, "head_act": "silu", "classes": 5,
-        "seed": 3}
-    names = quantizable(SpecNet(spec))
-    r = run_torch_case(spec, names, tmp_path)
-    assert r["disagreements"] == 0 and r["exact"] >= MIN_EXACT, r
-
-
-@pytest.mark.parametrize("act", ["gelu_tanh", "mish"])
-def test_regression_activations_round_like_their_exported_kernels(act, tmp_path, monkeypatch):
-    """GELU (tanh form) exports as nine ONNX ops and Mish as three (Softplus, Tanh, Mul), one
-    FP16 kernel each on the NPU; rounded once in the fake-quant model, 46 % (GELU) of the
-    samples were bit-identical, 94 % now (Mish: 99.6 %). (The exact GELU's ``Erf`` is
-    computed by ONNX Runtime's own approximation, which differs from PyTorch's in the last
-    float32 place for 14 % of inputs: that case stays at 69 %.)"""
+@pytest.mark.parametrize("act,depthwise", [("silu", True), ("gelu_tanh", False),
+                                           ("mish", False)])
+def test_regression_activations_round_like_their_exported_kernels(act, depthwise, tmp_path,
+                                                                   monkeypatch):
+    """SiLU exports as two ONNX ops (Sigmoid, Mul), GELU (tanh form) as nine and Mish as
+    three (Softplus, Tanh, Mul), one FP16 kernel each on the NPU; the fake-quant model
+    rounded each activation once. SiLU: on EfficientNet-B0 the inputs of its quantized
+    layers moved by a step at 0.7 % of the elements after the first block; GELU: 46 % of
+    the samples were bit-identical. (The exact GELU's ``Erf`` is computed by ONNX Runtime's
+    own approximation, which differs from PyTorch's in the last float32 place for 14 % of
+    inputs: that case stays at 69 %.)"""
     orig = _act
-    module = nn.GELU(approximate="tanh") if act == "gelu_tanh" else nn.Mish()
+    module = {"silu": nn.SiLU(inplace=True), "gelu_tanh": nn.GELU(approximate="tanh"),
+              "mish": nn.Mish()}[act]
     monkeypatch.setattr(sys.modules[__name__], "_act",
                         lambda name: module if name == "x" else orig(name))
-    spec = {"cin": 24, "size": 12, "blocks": [
-        {"kind": "conv", "cout": 32, "k": 3, "stride": 1, "groups": 1, "bn": True,
-         "act": "x", "bias": False},
-        {"kind": "conv", "cout": 48, "k": 1, "stride": 1, "groups": 1, "bn": True,
-         "act": "x", "bias": False}], "hidden": 0, "head_act": "x", "classes": 5, "seed": 3}
+    blocks = [dict(kind="conv", cout=32, k=3, stride=1, groups=1, bn=True, act="x", bias=False),
+              dict(kind="conv", cout=32, k=3, stride=1, groups=32, bn=True, act="x", bias=False),
+              dict(kind="conv", cout=48, k=1, stride=1, groups=1, bn=True, act="x", bias=False)]
+    spec = {"cin": 24, "size": 12, "blocks": blocks if depthwise else blocks[::2], "hidden": 0,
+            "head_act": "x", "classes": 5, "seed": 3}
     r = run_torch_case(spec, quantizable(SpecNet(spec)), tmp_path)
     assert r["disagreements"] == 0 and r["exact"] >= MIN_EXACT, r
 

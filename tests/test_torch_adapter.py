@@ -471,6 +471,26 @@ def test_export_check_catches_a_wrong_qdq_model(tmp_path, monkeypatch):
     assert "layer 'conv1'" in msg  # compared layer by layer: the culprit is named
 
 
+def test_export_check_names_a_layer_left_unquantized_in_the_qdq_model(tmp_path, monkeypatch):
+    """A QDQ model whose quantized layer reads its float input directly (its Q/DQ pair
+    bypassed) is refused by name, and nothing is written."""
+    from dopt.formats import qdq as onnx_qdq
+    q, cfg = calibrated(tmp_path)
+    torch.save(q.state_dict(), tmp_path / "quant.pth")
+    real = onnx_qdq.build_qdq
+
+    def bypassed(model, doc):
+        m = real(model, doc)
+        node = next(n for n in m.graph.node if n.name == "conv1")
+        node.input[0] = doc["layers"]["conv1"]["input"]["tensor"]
+        return m
+    monkeypatch.setattr(onnx_qdq, "build_qdq", bypassed)
+    out = tmp_path / "final"
+    msg = _err(generate_final_model, build_wide(), str(cfg),
+               pth_file=str(tmp_path / "quant.pth"), output_dir=str(out))
+    assert "conv1" in msg and "no input quantization" in msg and not out.exists()
+
+
 class _SameConv(torch.nn.Conv2d):
     """TF-"SAME" convolution as EfficientNet and timm ports write it: the asymmetric
     padding of a stride-2 layer added in forward."""

@@ -35,7 +35,8 @@ def dopt_adapter_info():
             "operations": ["generate_config_file", "optimize_model", "set_calibrate_state",
                            "get_quant_loss", "generate_final_model",
                            "quantize_file (dopt_so --framework 3)",
-                           "convert_model (dopt omg --framework 3)", "distill_loss"],
+                           "convert_model (dopt omg --framework 3)", "distill_loss",
+                           "nas_backend"],
             "strategies": ["float", "Quant_INT8-8"],
             "options": {op: list(names) for op, names in OPTIONS.items()}}
 
@@ -158,3 +159,9 @@ def dopt_distill_loss(teacher, student, config):
         return None
     from .distill import Distiller
     return Distiller(teacher, student, config)
+
+
+@hookimpl
+def dopt_nas_backend():
+    from .nas_backend import TensorFlowNasBackend
+    return TensorFlowNasBackend

@@ -49,6 +49,7 @@ class TorchNasBackend:
     """One per process; holds the user's module, the data and the supernet."""
 
     framework = "pytorch"
+    checkpoint_name = "supernet.pt"
 
     def __init__(self, cfg, user_module, *, log=print):
         self.cfg, self.um_mod, self.log = cfg, user_module, log
@@ -122,6 +123,9 @@ class TorchNasBackend:
             raise _user_error("PostNet.forward", e, f"taking the backbone's output ({shape})") \
                 from None
         self.supernet.to(self.device)
+
+    def check_data(self) -> None:
+        self._datasets()
 
     def _datasets(self):
         if self._train_ds is None:

@@ -1,15 +1,11 @@
 """The weight-sharing supernet of dopt's NASEA space, and sub-net extraction.
 
-Every layer holds one block per *family* at the widest size it can be asked for; a sub-net
-uses the first ``cin`` input and first ``cout`` output channels of each weight (and the
-same slice of each BatchNorm), so every width trains the same leading channels. Blocks
-that are sub-structures of another share its weights (elastic kernel, expansion and depth,
-as Once-for-All): the four inverted residuals and the depthwise-separable block are one
-family (a 3x3 depthwise kernel is the centre of the 5x5 one, expansion 3 the leading
-hidden channels of expansion 6, ``dwsep`` the expansion-1 member: depthwise on the input,
-then the projection), and the plain 3x3 convolution is the first convolution of the basic
-residual block. A layer trains three sets of weights (inverted-residual, basic,
-bottleneck) instead of eight, and the family members start from each other's features.
+Every layer holds one block per *family* at the widest size it can be asked for
+(``dopt.nas.sharing``: which block lives in which family's weights); a sub-net uses the
+first ``cin`` input and first ``cout`` output channels of each weight (and the same slice
+of each BatchNorm), so every width trains the same leading channels. A layer trains three
+sets of weights (inverted-residual, basic, bottleneck) instead of eight, and the family
+members start from each other's features.
 ``extract`` copies the slices into a plain ``nas_blocks.SearchedNet``.
 
 Training samples paths with strict fairness (``fair_paths``): each step trains a group of
@@ -25,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dopt.nas.sharing import fair_paths, group, layer_spec, sample, unit_map
 from dopt.nas.space import BLOCKS, hidden_width
 
 from .nas_blocks import ConvBN, SearchedBackbone, SearchedNet, make_block
@@ -53,29 +50,6 @@ class SharedConvBN(ConvBN):
                          bn.bias[:cout], self.training or not bn.track_running_stats,
                          bn.momentum if bn.momentum is not None else 0.1, bn.eps)
         return torch.relu(y) if self.active_act else y
-
-
-#: block kind -> (family block kind, {static unit: family unit}) for blocks that live inside
-#: another block's weights; every other kind is its own family with the same unit names
-MEMBER_OF = {"dwsep": ("ir", {"dw": "dw", "pw": "proj"}),
-             "conv": ("basic", {"c": "c1"})}
-
-
-def group(block: str) -> str:
-    """The supernet block (family) that holds ``block``'s weights."""
-    kind = BLOCKS[block][0]
-    return MEMBER_OF.get(kind, (kind,))[0]
-
-
-def _unit_map(block: str) -> dict:
-    kind = BLOCKS[block][0]
-    return MEMBER_OF[kind][1] if kind in MEMBER_OF else {}
-
-
-def layer_spec(block: str, cin: int, cout: int, stride: int, align: int) -> tuple:
-    """``(kind, cin, hidden, cout, kernel, stride)`` of one searchable layer."""
-    kind, k, _e = BLOCKS[block]
-    return (kind, cin, hidden_width(block, cin, cout, align), cout, k, stride)
 
 
 class Supernet(nn.Module):
@@ -142,33 +116,12 @@ class Supernet(nn.Module):
         return blocks[group(b)](x)
 
     def sample(self, rng: random.Random) -> tuple:
-        """A uniformly random path: block, then width, per layer."""
-        choice = []
-        for lay in self.space.layers:
-            choice.append((rng.choice(lay.blocks), rng.choice(lay.widths)))
-        return self.space.decode(choice)
+        """A uniformly random path (``dopt.nas.sharing.sample``)."""
+        return sample(self.space, rng)
 
     def fair_paths(self, rng: random.Random) -> list:
-        """Strict fairness (FairNAS) with the sandwich rule for widths: as many paths as the
-        largest layer has blocks, each layer's blocks shuffled over them (layers with fewer
-        blocks draw the rest at random), so every block of every layer is trained every
-        step; the first path takes every layer's widest width, the second the narrowest,
-        the others uniform widths (BigNAS / Once-for-All)."""
-        m = max(len(lay.blocks) for lay in self.space.layers)
-        columns = []
-        for lay in self.space.layers:
-            seq = list(lay.blocks)
-            rng.shuffle(seq)
-            columns.append(seq + [rng.choice(lay.blocks) for _ in range(m - len(seq))])
-        paths = []
-        for j in range(m):
-            choice = []
-            for lay, seq in zip(self.space.layers, columns):
-                w = lay.widths[-1] if j == 0 else lay.widths[0] if j == 1 \
-                    else rng.choice(lay.widths)
-                choice.append((seq[j], w))
-            paths.append(self.space.decode(choice))
-        return paths
+        """The paths of one training step (``dopt.nas.sharing.fair_paths``)."""
+        return fair_paths(self.space, rng)
 
     def specs(self, arch) -> list:
         return [layer_spec(b, cin, cout, s, self.align) for b, cin, cout, s in arch]
@@ -187,7 +140,7 @@ def extract(supernet: Supernet, arch) -> SearchedNet:
                        copy.deepcopy(supernet.post), supernet.feature_choose)
     for i, (blocks, (b, *_)) in enumerate(zip(supernet.layers, arch)):
         src = blocks[group(b)].state_dict()
-        units = _unit_map(b)
+        units = unit_map(b)
         dst = net.backbone.layers[i]
         new = {}
         for k, v in dst.state_dict().items():

@@ -22,12 +22,17 @@ class NasBackend(Protocol):
     device_note: str     # "running on GPU 0" / "no GPU on this machine: running on the CPU"
     rank: int            # process index under a launcher such as torchrun (else 0)
     world: int
+    checkpoint_name: str  # the supernet checkpoint's file name in nas_state/
 
     def in_channels(self) -> int:
         """Channels of PreNet's output for the scenario's ``input_shape``."""
 
     def bind_space(self, space) -> None:
         """Build the weight-sharing supernet of ``space`` and check PostNet accepts it."""
+
+    def check_data(self) -> None:
+        """Read the user's training and validation data once: a bad dataset is an error
+        before the search writes anything."""
 
     def train_supernet(self, ckpt: Path, *, scalar: Callable[[str, float, int], None] | None,
                        progress: bool) -> None:

@@ -148,9 +148,11 @@ def run(args) -> int:
             arch, value = search.check_feasible(cfg, space, costs)
             _log(f"search space: {len(space)} layers, {space.size():.3g} networks; cheapest "
                  f"candidate {xlabel} {value:.6g} (budget {cfg.constraint_value:g})")
+        if coordinator:
+            backend.check_data()
         if backend.rank == 0:
             _check_state(state, cfg)
-        ckpt = state / "supernet.pt"
+        ckpt = state / getattr(backend, "checkpoint_name", "supernet.pt")
         if args.search_only:
             if not backend.supernet_done(ckpt):
                 raise DoptError("the supernet of this search is not trained yet",

@@ -270,11 +270,20 @@ def test_bad_inputs_name_the_method_or_key(tmp_path, images, nas_here):
 
 def test_ctrl_c_in_supernet_training_resumes_mid_epoch(tmp_path, images, nas_here):
     """Ctrl-C in step 6 of 10: exit 130 with the resume hint and a checkpoint after step 5
-    holding the optimizer's state; the same command continues from step 5."""
+    holding the optimizer's state; the same command continues from step 5. The user module
+    here answers in other forms the reference's interface allows: a Keras learning-rate
+    schedule, per-sample losses and per-sample accuracies."""
     proj = _project(tmp_path, images)
     scen = (proj / "scen.yaml").read_text().replace("generation_num: 2", "generation_num: 1")
     (proj / "scen.yaml").write_text(scen.replace("pop_size: 4", "pop_size: 2"))
     um = (proj / "user_module.py").read_text()
+    um = um.replace("        total = max(1, self.epoch * self.steps_per_epoch)\n",
+                    "        return tf.keras.optimizers.schedules.CosineDecay(lr_init, 10)\n")
+    um = um.replace("        hits = tf.equal(", "        return tf.keras.metrics."
+                    "sparse_categorical_accuracy(inputs, outputs)\n        hits = tf.equal(")
+    um = um.replace("        return tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(",
+                    "        return (tf.keras.losses.sparse_categorical_crossentropy(")
+    assert um.count("CosineDecay") == um.count("sparse_categorical_accuracy") == 1
     (proj / "user_module.py").write_text(um.replace(
         "    def loss_op(self, labels, logits):\n",
         "    def loss_op(self, labels, logits):\n"
@@ -298,3 +307,12 @@ def test_ctrl_c_in_supernet_training_resumes_mid_epoch(tmp_path, images, nas_her
     assert "complete: 2/2 evaluations" in r.stdout
     with np.load(proj / "nas_state" / "supernet.npz", allow_pickle=False) as z:
         assert list(z["position"]) == [1, 0]
+
+
+@pytest.mark.slow
+def test_demo_runs_with_the_reference_command(tmp_path):
+    """demos/nas_fashion_mnist_tf/run_release.sh (``python3 dopt_so.py -c scen.yaml``) in
+    full: every evaluated candidate within the latency budget, the results rebuildable."""
+    from tests.nas_demo import run_full_demo
+    run_full_demo(DEMO, tmp_path)
+

@@ -406,3 +406,11 @@ def test_ctrl_c_in_supernet_training_resumes_mid_epoch(tmp_path, images, nas_her
     assert "resuming supernet training at epoch 1, step 5" in r.stderr
     assert "complete: 2/2 evaluations" in r.stdout
     assert torch.load(proj / "nas_state" / "supernet.pt", weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_demo_runs_with_the_reference_command(tmp_path):
+    """demos/nas_fashion_mnist/run_release.sh (``python3 dopt_so.py -c scen.yaml``) in full:
+    every evaluated candidate within the latency budget, the results rebuildable."""
+    from tests.nas_demo import run_full_demo
+    run_full_demo(DEMO, tmp_path)

@@ -100,7 +100,13 @@ class TensorFlowNasBackend:
                 raise DoptError(f"gpu_id {gpu} does not exist on this machine",
                                 file=self.cfg.path, field="scenario.resource.gpu_id",
                                 expected=f"ids below {len(gpus)}")
-            return f"running on GPU {gpu}"
+            try:  # only this GPU (possible while TensorFlow has not initialized them)
+                tf.config.set_visible_devices(gpus[gpu], "GPU")
+            except RuntimeError:
+                pass
+            more = (f" (one process: gpu_id {','.join(map(str, ids[1:]))} unused)"
+                    if len(ids) > 1 else "")
+            return f"running on GPU {gpu}{more}"
         return (f"no GPU on this machine: running on the CPU "
                 f"(gpu_id {','.join(map(str, ids))} ignored)")
 
@@ -222,7 +228,9 @@ class TensorFlowNasBackend:
         try:
             lr = self.um.lr_scheduler(self.cfg.optimizer["learning_rate"],
                                       tf.constant(step, tf.int64))
-            if callable(lr):  # tf.compat.v1 decay functions return a callable in eager mode
+            if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
+                lr = lr(step)
+            elif callable(lr):  # tf.compat.v1 decay functions return one in eager mode
                 lr = lr()
             lr = float(lr)
         except Exception as e:
@@ -301,10 +309,12 @@ class TensorFlowNasBackend:
                     loss = self.um.loss_op(y[lo:hi], logits)
                 except Exception as e:
                     raise _user_error("UserModule.loss_op", e, "computing the loss") from None
-                if not hasattr(loss, "shape") or len(loss.shape) != 0:
-                    raise DoptError("UserModule.loss_op must return a scalar tensor",
+                if not hasattr(loss, "shape"):
+                    raise DoptError("UserModule.loss_op must return a tensor",
                                     file="user_module.py", field="UserModule.loss_op",
-                                    found=repr(getattr(loss, "shape", type(loss).__name__)))
+                                    found=type(loss).__name__)
+                if len(loss.shape):   # per-sample losses: their mean, as Keras reduces them
+                    loss = tf.reduce_mean(loss)
                 part = loss * ((hi - lo) / n)
             grads = tape.gradient(part, tvars)
             acc = [a if g is None else a + tf.convert_to_tensor(g) for a, g in zip(acc, grads)]
@@ -420,7 +430,7 @@ class TensorFlowNasBackend:
 
     def evaluate(self, arch) -> float:
         """The user's metric of the sub-net: ``metrics_op(labels, outputs)`` over the whole
-        validation set at once."""
+        validation set at once (per-sample values are averaged)."""
         net = self._subnet(arch)
         val_ds, _ = self._dataset(False)
         labels, outputs = [], []
@@ -431,7 +441,9 @@ class TensorFlowNasBackend:
             value = self.um.metrics_op(tf.concat(labels, 0), tf.concat(outputs, 0))
             if isinstance(value, (list, tuple)) and len(value) == 1:
                 value = value[0]
-            value = float(np.asarray(value).reshape(-1)[0]) if np.size(value) == 1 else value
+            if hasattr(value, "shape") or isinstance(value, np.ndarray):
+                # one number, or per-sample values (e.g. sparse_categorical_accuracy): their mean
+                value = float(np.mean(np.asarray(value, dtype=np.float64)))
         except Exception as e:
             raise _user_error("UserModule.metrics_op", e, "evaluating a candidate") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)) \

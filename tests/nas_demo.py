@@ -1,0 +1,23 @@
+"""The NASEA demos run in full (slow tests of both frameworks)."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_full_demo(demo, out):
+    """Run ``demo/run_release.sh`` (the reference's command) into ``out`` and check what a
+    user gets: a complete search, every candidate within the budget, result files."""
+    r = subprocess.run(["bash", str(demo / "run_release.sh"), "--no-progress", "--output",
+                        str(out)], capture_output=True, text=True, timeout=7200,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "NASEA search complete" in r.stdout
+    doc = json.loads((out / "results" / "candidates.json").read_text())
+    budget = doc["scenario"]["constraint_value"]
+    assert doc["pareto"] and all(c["constraint"] <= budget for c in doc["candidates"])
+    assert max(c["accuracy"] for c in doc["candidates"]) > 0.5   # chance is 0.10
+    for p in doc["pareto"]:
+        assert (out / "results" / f"model_arch_result_{p['pareto_index']}.py").is_file()

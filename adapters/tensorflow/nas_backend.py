@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from dopt.errors import DoptError
+from dopt.nas.report import layers_literal, result_file
 from dopt.nas.sharing import backbone_cost, fair_paths
 
 from . import nas_blocks
@@ -520,17 +521,7 @@ if __name__ == "__main__":
 
 
 def render_result(header: dict, specs: list, input_shape) -> str:
-    head = [f'"""NASEA search result {header["index"]}: a network of the Pareto front (dopt).', ""]
-    head += [f"{k}: {v}" for k, v in header.items() if k != "index"]
-    head += ["", "python3 model_arch_result_N.py rebuilds it (PreNet/PostNet from user_module.py)",
-             "and writes model_arch_result_N.pb (frozen graph, input 'input'),",
-             "model_arch_result_N.weights.h5 and a TensorBoard graph log. The accuracy is the",
-             "search's estimate with supernet weights; train the network fully for better.",
-             '"""', "import os"]
-    src = inspect.getsource(nas_blocks)
-    body = src.split('"""', 2)[2].lstrip("\n")  # the blocks, without their module docstring
-    imports, _, rest = body.partition("\n\n\n")
-    values = [f"{k} = {v!r}" for k, v in header.items()]
-    return "\n".join(head) + "\n" + imports + "\n\n" + "\n".join(values) + "\n\n\n" + rest \
-        + _MAIN.format(layers="[\n" + "".join(f"    {tuple(s)!r},\n" for s in specs) + "]",
-                       shape=repr(tuple(input_shape)))
+    return result_file(header, inspect.getsource(nas_blocks),
+                       ["model_arch_result_N.pb (frozen graph, input 'input')",
+                        "model_arch_result_N.weights.h5", "a TensorBoard graph log"],
+                       _MAIN.format(layers=layers_literal(specs), shape=repr(tuple(input_shape))))

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from dopt.errors import DoptError
+from dopt.nas.report import layers_literal, result_file
 
 from . import nas_blocks
 from .nas_supernet import Supernet, build_static, extract
@@ -465,17 +466,8 @@ if __name__ == "__main__":
 
 
 def render_result(header: dict, specs: list, feature_choose, input_shape) -> str:
-    head = [f'"""NASEA search result {header["index"]}: a network of the Pareto front (dopt).', ""]
-    head += [f"{k}: {v}" for k, v in header.items() if k != "index"]
-    head += ["", "python3 model_arch_result_N.py rebuilds it (PreNet/PostNet from user_module.py)",
-             "and writes model_arch_result_N.onnx and model_arch_result_N.pth. The accuracy is",
-             "the search's estimate with supernet weights; train the network fully for better.",
-             '"""', "import os"]
-    src = inspect.getsource(nas_blocks)
-    body = src.split('"""', 2)[2].lstrip("\n")  # the blocks, without their module docstring
-    imports, _, rest = body.partition("\n\n\n")
-    values = [f"{k} = {v!r}" for k, v in header.items()]
-    return "\n".join(head) + "\n" + imports + "\n\n" + "\n".join(values) + "\n\n\n" + rest \
-        + _MAIN.format(layers="[\n" + "".join(f"    {tuple(s)!r},\n" for s in specs) + "]",
-                       fc=repr(list(feature_choose) if feature_choose else None),
-                       shape=repr(tuple(input_shape)))
+    return result_file(header, inspect.getsource(nas_blocks),
+                       ["model_arch_result_N.onnx", "model_arch_result_N.pth"],
+                       _MAIN.format(layers=layers_literal(specs),
+                                    fc=repr(list(feature_choose) if feature_choose else None),
+                                    shape=repr(tuple(input_shape))))

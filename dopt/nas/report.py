@@ -151,3 +151,24 @@ def write_outputs(out_dir: Path, cfg, study, backend, space, profile, xlabel: st
     finally:
         tb.close()
     return {"evaluated": len(rows), "rejected": rejected, "pareto": front}
+
+
+def result_file(header: dict, blocks_source: str, writes: list[str], main: str) -> str:
+    """The text of ``model_arch_result_N.py``: a docstring with the header, the framework's
+    block code (``blocks_source``, its module docstring dropped), the header as variables,
+    then ``main`` (the framework's ``build()`` / ``main()``). ``writes``: what running it
+    writes, for the docstring."""
+    head = [f'"""NASEA search result {header["index"]}: a network of the Pareto front (dopt).', ""]
+    head += [f"{k}: {v}" for k, v in header.items() if k != "index"]
+    head += ["", "python3 model_arch_result_N.py rebuilds it (PreNet/PostNet from user_module.py)",
+             "and writes " + ", ".join(writes) + ". The accuracy is the search's estimate",
+             "with supernet weights; train the network fully for better.", '"""', "import os"]
+    body = blocks_source.split('"""', 2)[2].lstrip("\n")  # without the module docstring
+    imports, _, rest = body.partition("\n\n\n")
+    values = [f"{k} = {v!r}" for k, v in header.items()]
+    return "\n".join(head) + "\n" + imports + "\n\n" + "\n".join(values) + "\n\n\n" + rest + main
+
+
+def layers_literal(specs) -> str:
+    """The layer specs as a Python list literal, one per line."""
+    return "[\n" + "".join(f"    {tuple(s)!r},\n" for s in specs) + "]"

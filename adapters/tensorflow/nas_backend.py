@@ -243,6 +243,17 @@ class TensorFlowNasBackend:
         return lr
 
     def train_supernet(self, ckpt: Path, *, scalar=None, progress: bool) -> None:
+        # the supernet's units are traced once per width combination (nas_supernet._conv_bn):
+        # TensorFlow's "excessive retracing" warning is expected while they warm up
+        logger = tf.get_logger()
+        level = logger.level
+        logger.setLevel("ERROR")
+        try:
+            self._train_supernet(ckpt, scalar=scalar, progress=progress)
+        finally:
+            logger.setLevel(level)
+
+    def _train_supernet(self, ckpt: Path, *, scalar=None, progress: bool) -> None:
         from tqdm.auto import tqdm
         net = self.supernet
         train_ds, n_train = self._dataset(True)

@@ -39,22 +39,33 @@ class SharedConvBN(keras.layers.Layer):
         return self.call(x, training)
 
     def call(self, x, training=True):
-        cin = x.shape[-1]
-        cout = cin if self.depthwise else self.active_out
-        w = self.kernel[:, :, :cin, :] if self.depthwise else self.kernel[:, :, :cin, :cout]
-        k = self.active_k
-        if k != w.shape[0]:  # elastic kernel: the centre of the widest one
-            o = (w.shape[0] - k) // 2
-            w = w[o:o + k, o:o + k]
-        s = self.stride
-        if self.depthwise:
-            y = tf.nn.depthwise_conv2d(x, w, [1, s, s, 1], "SAME")
-        else:
-            y = tf.nn.conv2d(x, w, s, "SAME")
-        mean, var = tf.nn.moments(y, axes=[0, 1, 2])
-        y = tf.nn.batch_normalization(y, mean, var, self.beta[:cout], self.gamma[:cout],
-                                      BN_EPSILON)
-        return tf.nn.relu(y) if self.active_act else y
+        cin = int(x.shape[-1])
+        cout = cin if self.depthwise else int(self.active_out)
+        # the weights enter as tensors (read here, on the tape): a traced function given a
+        # variable would keep the variable it was first traced with
+        return _conv_bn(x, tf.convert_to_tensor(self.kernel), tf.convert_to_tensor(self.gamma),
+                        tf.convert_to_tensor(self.beta), cin, cout,
+                        int(self.active_k), int(self.stride), bool(self.depthwise),
+                        bool(self.active_act))
+
+
+@tf.function(reduce_retracing=True)
+def _conv_bn(x, kernel, gamma, beta, cin, cout, k, stride, depthwise, act):
+    """One unit on the leading channels of the shared weights, as one traced graph: the
+    integers select the slice and are part of the trace key, so each (widths, kernel,
+    stride) combination is traced once and reused by every unit and step (eager execution
+    of the same ops is several times slower)."""
+    w = kernel[:, :, :cin, :] if depthwise else kernel[:, :, :cin, :cout]
+    if k != w.shape[0]:  # elastic kernel: the centre of the widest one
+        o = (w.shape[0] - k) // 2
+        w = w[o:o + k, o:o + k]
+    if depthwise:
+        y = tf.nn.depthwise_conv2d(x, w, [1, stride, stride, 1], "SAME")
+    else:
+        y = tf.nn.conv2d(x, w, stride, "SAME")
+    mean, var = tf.nn.moments(y, axes=[0, 1, 2])
+    y = tf.nn.batch_normalization(y, mean, var, beta[:cout], gamma[:cout], BN_EPSILON)
+    return tf.nn.relu(y) if act else y
 
 
 class Supernet:

@@ -125,6 +125,21 @@ def test_extracted_subnet_computes_what_the_supernet_path_computes():
                  and not isinstance(la, keras.layers.DepthwiseConv2D)]
         assert all(c.filters % 16 == 0 for c in convs)
     assert len(kinds) >= 4
+    # the traced units (long trainings) compute what the eager ones do, gradients included
+    arch = space.uniform("ir_k5_e6", narrow=False)
+    out = []
+    for traced in (False, True):
+        sn.traced = traced
+        with tf.GradientTape() as tape:
+            y = sn(x, arch, training=True)
+            loss = tf.reduce_sum(y * y)
+        out.append((y, tape.gradient(loss, sn.trainable_weights)))
+    sn.traced = False
+    np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(out[0][1], out[1][1]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
 def test_size_and_macs_are_the_built_networks(tmp_path):
@@ -160,6 +175,7 @@ def test_supernet_learns_in_a_few_steps():
     space = SearchSpace([16, 32, 32], [2, 2, 1], in_channels=16, align=16)
     sn = Supernet(space, um.PreNet(), um.PostNet())
     sn(tf.zeros((2, 28, 28, 1)), space.uniform("conv3x3"))
+    sn.traced = True   # as the search trains for more than TRACE_MIN_STEPS steps
     opt = keras.optimizers.Adam(0.02)
     tvars = sn.trainable_weights
     rng, losses = random.Random(0), []

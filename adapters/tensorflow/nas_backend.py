@@ -31,6 +31,8 @@ from .nas_blocks import build_net
 from .nas_supernet import Supernet, extract
 
 BN_CALIB_BATCHES = 10
+#: supernet steps from which tracing the units pays for itself (nas_supernet.Supernet.traced)
+TRACE_MIN_STEPS = 20
 CHECKPOINT_EVERY_S = 600
 CHECKPOINT_NAME = "supernet.npz"
 
@@ -271,6 +273,7 @@ class TensorFlowNasBackend:
             self.log(f"resuming supernet training at epoch {start_epoch + 1}, step {start_step}")
         last_save, loss = time.monotonic(), float("nan")
         gstep = start_epoch * steps + start_step
+        net.traced = (self.cfg.epochs * steps - gstep) >= TRACE_MIN_STEPS
         for epoch in range(start_epoch, self.cfg.epochs):
             rng = random.Random(self.cfg.seed * 100003 + epoch)
             bar = tqdm(total=steps, initial=start_step if epoch == start_epoch else 0,

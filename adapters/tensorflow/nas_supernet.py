@@ -26,6 +26,7 @@ class SharedConvBN(keras.layers.Layer):
     def __init__(self, cin, cout, k, stride=1, depthwise=False, act=True, **kw):
         super().__init__(**kw)
         self.stride, self.depthwise, self.act = stride, depthwise, act
+        self.traced = False   # run as a traced graph (Supernet.traced)
         self.active_out, self.active_k, self.active_act = cout, k, act
         self.kernel = self.add_weight(shape=(k, k, cin, 1 if depthwise else cout),
                                       initializer="glorot_uniform", name="kernel")
@@ -43,10 +44,10 @@ class SharedConvBN(keras.layers.Layer):
         cout = cin if self.depthwise else int(self.active_out)
         # the weights enter as tensors (read here, on the tape): a traced function given a
         # variable would keep the variable it was first traced with
-        return _conv_bn(x, tf.convert_to_tensor(self.kernel), tf.convert_to_tensor(self.gamma),
-                        tf.convert_to_tensor(self.beta), cin, cout,
-                        int(self.active_k), int(self.stride), bool(self.depthwise),
-                        bool(self.active_act))
+        fn = _conv_bn if self.traced else _conv_bn.python_function
+        return fn(x, tf.convert_to_tensor(self.kernel), tf.convert_to_tensor(self.gamma),
+                  tf.convert_to_tensor(self.beta), cin, cout, int(self.active_k),
+                  int(self.stride), bool(self.depthwise), bool(self.active_act))
 
 
 @tf.function(reduce_retracing=True)
@@ -91,6 +92,19 @@ class Supernet:
                                      shared=True, name=f"layer{i}_{g}")
             self.blocks.append(fams)
         self._arch = None
+
+    @property
+    def traced(self) -> bool:
+        """Whether the units run as traced graphs: several times faster per step once every
+        width combination is traced, which takes tens of steps; eager below that."""
+        return any(u.traced for fams in self.blocks for b in fams.values() for u in _units(b))
+
+    @traced.setter
+    def traced(self, on: bool) -> None:
+        for fams in self.blocks:
+            for b in fams.values():
+                for u in _units(b):
+                    u.traced = bool(on)
 
     @property
     def layers(self) -> list:

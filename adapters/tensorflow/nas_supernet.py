@@ -12,8 +12,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from dopt.nas.sharing import group, layer_spec, unit_map
-from dopt.nas.space import BLOCKS, hidden_width
+from dopt.nas.sharing import activate, families, group, layer_spec, unit_map
+from dopt.nas.space import BLOCKS
 
 from .nas_blocks import build_net, make_block
 
@@ -27,7 +27,7 @@ class SharedConvBN(keras.layers.Layer):
         super().__init__(**kw)
         self.stride, self.depthwise, self.act = stride, depthwise, act
         self.traced = False   # run as a traced graph (Supernet.traced)
-        self.active_out, self.active_k, self.active_act = cout, k, act
+        self.active_out, self.active_k, self.active_act, self.k_max = cout, k, act, k
         self.kernel = self.add_weight(shape=(k, k, cin, 1 if depthwise else cout),
                                       initializer="glorot_uniform", name="kernel")
         width = cin if depthwise else cout
@@ -79,18 +79,10 @@ class Supernet:
         self.space, self.align = space, space.align
         self.pre, self.post = pre, post
         self.blocks: list[dict] = []
-        for i, (lay, cap) in enumerate(zip(space.layers, space.cap_in)):
-            wide = max(lay.widths)
-            fams = {}
-            for g in dict.fromkeys(group(b) for b in lay.blocks):
-                members = [b for b in lay.blocks if group(b) == g]
-                hid = max(hidden_width(b, cap, wide, space.align) for b in members) \
-                    if g != "identity" else 0
-                hid = max(hid, cap)  # dwsep runs the family's depthwise on the input
-                k = max(BLOCKS[b][1] for b in members)
-                fams[g] = make_block(g, cap, hid, wide, k, lay.stride, unit=SharedConvBN,
-                                     shared=True, name=f"layer{i}_{g}")
-            self.blocks.append(fams)
+        for i, specs in enumerate(families(space)):
+            self.blocks.append({g: make_block(g, *spec, unit=SharedConvBN, shared=True,
+                                              name=f"layer{i}_{g}")
+                                for g, spec in specs.items()})
         self._arch = None
 
     @property
@@ -126,19 +118,7 @@ class Supernet:
         self._arch = arch
         for fams, (b, cin, cout, _s) in zip(self.blocks, arch):
             block = fams[group(b)]
-            hid = hidden_width(b, cin, cout, self.align)
-            for name, which in block.WIDTHS.items():
-                unit = getattr(block, name)
-                if unit is not None:
-                    unit.active_out = hid if which == "hid" else cout
-            for unit in _units(block):
-                unit.active_act = unit.act
-                if unit.kernel.shape[0] > 1:
-                    unit.active_k = BLOCKS[b][1]
-            if BLOCKS[b][0] == "dwsep":
-                block.proj.active_out, block.proj.active_act = cout, True
-            elif BLOCKS[b][0] == "conv":
-                block.c1.active_out = cout
+            activate(block, b, cin, cout, self.align, _units(block))
 
     def __call__(self, x, arch=None, training=True):
         if arch is not None:

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dopt.nas.sharing import fair_paths, group, layer_spec, sample, unit_map
-from dopt.nas.space import BLOCKS, hidden_width
+from dopt.nas.sharing import (activate, fair_paths, families, group, layer_spec, sample,
+                               unit_map)
+from dopt.nas.space import BLOCKS
 
 from .nas_blocks import ConvBN, SearchedBackbone, SearchedNet, make_block
 
@@ -32,7 +33,7 @@ class SharedConvBN(ConvBN):
 
     def __init__(self, cin, cout, k, stride=1, depthwise=False, act=True):
         super().__init__(cin, cout, k, stride, depthwise, act)
-        self.active_out, self.active_k, self.active_act = cout, k, act
+        self.active_out, self.active_k, self.active_act, self.k_max = cout, k, act, k
 
     def forward(self, x):
         cin = x.shape[1]
@@ -61,17 +62,10 @@ class Supernet(nn.Module):
         self.pre, self.post = pre, post
         self.feature_choose = list(feature_choose) if feature_choose else None
         self.layers = nn.ModuleList()
-        for lay, cap in zip(space.layers, space.cap_in):
-            wide = max(lay.widths)
+        for fams in families(space):
             blocks = nn.ModuleDict()
-            for g in dict.fromkeys(group(b) for b in lay.blocks):
-                members = [b for b in lay.blocks if group(b) == g]
-                # inner widths grow with cin and cout: the widest covers every sub-net
-                hid = max(hidden_width(b, cap, wide, space.align) for b in members) \
-                    if g != "identity" else 0
-                hid = max(hid, cap)  # dwsep runs the family's depthwise on the input
-                k = max(BLOCKS[b][1] for b in members)
-                blocks[g] = make_block(g, cap, hid, wide, k, lay.stride, unit=SharedConvBN,
+            for g, (cin, hid, cout, k, stride) in fams.items():
+                blocks[g] = make_block(g, cin, hid, cout, k, stride, unit=SharedConvBN,
                                        shared=True)
             self.layers.append(blocks)
 
@@ -79,20 +73,8 @@ class Supernet(nn.Module):
         self._arch = arch
         for blocks, (b, cin, cout, _s) in zip(self.layers, arch):
             block = blocks[group(b)]
-            hid = hidden_width(b, cin, cout, self.align)
-            for name, which in block.WIDTHS.items():
-                unit = getattr(block, name)
-                if unit is not None:
-                    unit.active_out = hid if which == "hid" else cout
-            for unit in block.modules():
-                if isinstance(unit, SharedConvBN):
-                    unit.active_act = unit.act
-                    if unit.conv.kernel_size[0] > 1:
-                        unit.active_k = BLOCKS[b][1]
-            if BLOCKS[b][0] == "dwsep":
-                block.proj.active_out, block.proj.active_act = cout, True
-            elif BLOCKS[b][0] == "conv":
-                block.c1.active_out = cout
+            activate(block, b, cin, cout, self.align,
+                     [u for u in block.modules() if isinstance(u, SharedConvBN)])
 
     def forward(self, x, arch=None):
         if arch is not None:

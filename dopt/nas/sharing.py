@@ -41,6 +41,47 @@ def layer_spec(block: str, cin: int, cout: int, stride: int, align: int) -> tupl
     return (kind, cin, hidden_width(block, cin, cout, align), cout, k, stride)
 
 
+def families(space: SearchSpace) -> list[dict[str, tuple]]:
+    """Per searchable layer, the shared block of each family at the size that covers every
+    member and width: ``{family: (cin, hidden, cout, kernel, stride)}``."""
+    out = []
+    for lay, cap in zip(space.layers, space.cap_in):
+        wide = max(lay.widths)
+        fams = {}
+        for g in dict.fromkeys(group(b) for b in lay.blocks):
+            members = [b for b in lay.blocks if group(b) == g]
+            # inner widths grow with cin and cout: the widest covers every sub-net
+            hid = max(hidden_width(b, cap, wide, space.align) for b in members) \
+                if g != "identity" else 0
+            hid = max(hid, cap)  # dwsep runs the family's depthwise on the input
+            fams[g] = (cap, hid, wide, max(BLOCKS[b][1] for b in members), lay.stride)
+        out.append(fams)
+    return out
+
+
+def activate(block, member: str, cin: int, cout: int, align: int, shared_units) -> None:
+    """Set the shared family ``block`` to run ``member`` from ``cin`` to ``cout`` channels.
+
+    Every unit of the family has ``act``, ``active_out``, ``active_k``, ``active_act`` and
+    ``k_max`` (its widest kernel); ``shared_units`` lists them. A ``dwsep`` member runs the
+    family's depthwise and projection (the projection then with its ReLU), a ``conv``
+    member the basic family's first convolution alone."""
+    hid = hidden_width(member, cin, cout, align)
+    for name, which in block.WIDTHS.items():
+        unit = getattr(block, name)
+        if unit is not None:
+            unit.active_out = hid if which == "hid" else cout
+    for unit in shared_units:
+        unit.active_act = unit.act
+        if unit.k_max > 1:
+            unit.active_k = BLOCKS[member][1]
+    kind = BLOCKS[member][0]
+    if kind == "dwsep":
+        block.proj.active_out, block.proj.active_act = cout, True
+    elif kind == "conv":
+        block.c1.active_out = cout
+
+
 def units(spec) -> list[tuple]:
     """The conv + BN units of one layer spec, in order:
     ``(name, cin, cout, kernel, stride, depthwise)``."""

@@ -428,17 +428,7 @@ INPUT_SHAPE = {shape}
 
 def build():
     """PreNet and PostNet come from the user_module.py of the search."""
-    import importlib
-    import sys
-    here = os.path.dirname(os.path.abspath(__file__))
-    for d in (os.getcwd(), here, os.path.dirname(here)):
-        if os.path.isfile(os.path.join(d, "user_module.py")):
-            sys.path.insert(0, d)
-            break
-    else:
-        raise SystemExit("user_module.py (with PreNet and PostNet) was not found in the "
-                         "current folder, next to this file or one folder up")
-    um = importlib.import_module("user_module")
+    um = _user_module()
     return SearchedNet(um.PreNet(), SearchedBackbone(LAYERS, FEATURE_CHOOSE), um.PostNet())
 
 

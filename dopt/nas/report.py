@@ -153,11 +153,29 @@ def write_outputs(out_dir: Path, cfg, study, backend, space, profile, xlabel: st
     return {"evaluated": len(rows), "rejected": rejected, "pareto": front}
 
 
+_FIND_USER_MODULE = '''
+
+def _user_module():
+    """The search's user_module.py: in the current folder, next to this file or one up."""
+    import importlib
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    for d in (os.getcwd(), here, os.path.dirname(here)):
+        if os.path.isfile(os.path.join(d, "user_module.py")):
+            sys.path.insert(0, d)
+            break
+    else:
+        raise SystemExit("user_module.py (with PreNet and PostNet) was not found in the "
+                         "current folder, next to this file or one folder up")
+    return importlib.import_module("user_module")
+'''
+
+
 def result_file(header: dict, blocks_source: str, writes: list[str], main: str) -> str:
     """The text of ``model_arch_result_N.py``: a docstring with the header, the framework's
     block code (``blocks_source``, its module docstring dropped), the header as variables,
-    then ``main`` (the framework's ``build()`` / ``main()``). ``writes``: what running it
-    writes, for the docstring."""
+    the ``user_module.py`` lookup, then ``main`` (the framework's ``build()`` / ``main()``,
+    which call ``_user_module()``). ``writes``: what running it writes, for the docstring."""
     head = [f'"""NASEA search result {header["index"]}: a network of the Pareto front (dopt).', ""]
     head += [f"{k}: {v}" for k, v in header.items() if k != "index"]
     head += ["", "python3 model_arch_result_N.py rebuilds it (PreNet/PostNet from user_module.py)",
@@ -166,7 +184,8 @@ def result_file(header: dict, blocks_source: str, writes: list[str], main: str) 
     body = blocks_source.split('"""', 2)[2].lstrip("\n")  # without the module docstring
     imports, _, rest = body.partition("\n\n\n")
     values = [f"{k} = {v!r}" for k, v in header.items()]
-    return "\n".join(head) + "\n" + imports + "\n\n" + "\n".join(values) + "\n\n\n" + rest + main
+    return ("\n".join(head) + "\n" + imports + "\n\n" + "\n".join(values) + "\n\n\n" + rest
+            + _FIND_USER_MODULE + main)
 
 
 def layers_literal(specs) -> str:

@@ -20,6 +20,7 @@ pytest.importorskip("matplotlib")
 
 from demos.fashion_mnist import data as fmnist  # noqa: E402
 from dopt.nas.space import SearchSpace  # noqa: E402
+from tests.nas_helpers import fmnist_subset, load_user_module  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "demos" / "nas_fashion_mnist_tf"
@@ -58,21 +59,12 @@ scenario:
 
 
 def _user_module():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("nas_tf_demo_um", DEMO / "user_module.py")
-    um = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(um)
-    return um
+    return load_user_module(DEMO / "user_module.py", "nas_tf_demo_um")
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    d = tmp_path_factory.mktemp("fmnist_tf")
-    src = fmnist.find_dir("train")
-    for kind in ("images", "labels"):
-        name = f"train-{kind}-idx{3 if kind == 'images' else 1}-ubyte.gz"
-        fmnist.write_idx(d / name, fmnist.read_idx(src / name)[:N_IMAGES])
-    return d
+    return fmnist_subset(tmp_path_factory.mktemp("fmnist_tf"), N_IMAGES)
 
 
 def _project(tmp_path, images, ctype="size", cval=20000):
@@ -329,6 +321,6 @@ def test_ctrl_c_in_supernet_training_resumes_mid_epoch(tmp_path, images, nas_her
 def test_demo_runs_with_the_reference_command(tmp_path):
     """demos/nas_fashion_mnist_tf/run_release.sh (``python3 dopt_so.py -c scen.yaml``) in
     full: every evaluated candidate within the latency budget, the results rebuildable."""
-    from tests.nas_demo import run_full_demo
+    from tests.nas_helpers import run_full_demo
     run_full_demo(DEMO, tmp_path)
 

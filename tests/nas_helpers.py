@@ -1,10 +1,30 @@
-"""The NASEA demos run in full (slow tests of both frameworks)."""
+"""What the NASEA tests of both frameworks share: a Fashion-MNIST subset as the dataset
+ships, a demo's user_module.py loaded as a module, and a demo run in full."""
+import importlib.util
 import json
 import os
 import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def fmnist_subset(folder: Path, n: int) -> Path:
+    """The first ``n`` Fashion-MNIST training images and labels, in IDX files as shipped."""
+    from demos.fashion_mnist import data as fmnist
+    src = fmnist.find_dir("train")
+    for kind in ("images", "labels"):
+        name = f"train-{kind}-idx{3 if kind == 'images' else 1}-ubyte.gz"
+        fmnist.write_idx(folder / name, fmnist.read_idx(src / name)[:n])
+    return folder
+
+
+def load_user_module(path: Path, name: str):
+    """``path`` imported as module ``name`` (not on sys.path: no later import finds it)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    um = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(um)
+    return um
 
 
 def run_full_demo(demo, out):

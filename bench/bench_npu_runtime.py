@@ -11,7 +11,10 @@ INT8 ``.om`` on the emulated NPU with the fake-quant PyTorch model. For ResNet-1
 pipeline calibrated on random inputs; EfficientNet-Lite0 (published weights) the same way
 through the ONNX path (``dopt_so`` + ``dopt omg``). Throughput: batch 32, the emulated NPU
 fast engine (FP16 and INT8 builds) against ONNX Runtime FP32 on the float ONNX model,
-same process, same threads, interleaved runs, best of 5. Writes
+same process, same threads; 7 rounds, each running every engine in turn; images/s from
+each engine's best round, slowdowns as the median over rounds of the ratio within a round.
+For an INT8 model that runs batches as slices (INT8 depthwise layers, ``docs/omg.md``), the
+same model with its threads inside one run is timed too. Writes
 bench/results/npu_runtime.json.
 """
 from __future__ import annotations
@@ -30,6 +33,8 @@ import torch
 
 from demos.fashion_mnist import data, demo
 from dopt import runtime
+from dopt.npu.omfile import read_om
+from dopt.runtime.fast import FastEngine
 from dopt.formats import qdq as onnx_qdq
 from dopt.dopt_torch.opt_main import generate_final_model
 from dopt.npu import omg
@@ -88,17 +93,24 @@ def _onnx_pipeline(float_onnx: Path, shape: str, calib: np.ndarray, dst: Path):
     return {b: dst / f"model_{b}.om" for b in ("fp16", "int8")}
 
 
-def _throughput(fns: dict, x: np.ndarray, batch: int = 32, repeats: int = 5) -> dict:
-    best = {k: float("inf") for k in fns}
+def _throughput(fns: dict, x: np.ndarray, peer: str, batch: int = 32,
+                repeats: int = 7) -> tuple[dict, dict]:
+    """Images/s of each engine (its best round) and each engine's time over the peer's,
+    the median over rounds of the ratio within a round: the engines run in turn in every
+    round, so a change in the machine's load hits a ratio's both sides."""
+    times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
             fn(x[:batch])  # warm
             t = time.perf_counter()
             for i in range(0, len(x) - batch + 1, batch):
                 fn(x[i:i + batch])
-            best[k] = min(best[k], time.perf_counter() - t)
+            times[k].append(time.perf_counter() - t)
     n = (len(x) // batch) * batch
-    return {k: n / v for k, v in best.items()}
+    ips = {k: n / min(v) for k, v in times.items()}
+    ratio = {k: float(np.median(np.array(v) / np.array(times[peer])))
+             for k, v in times.items() if k != peer}
+    return ips, ratio
 
 
 def bench_model(name: str, n_images: int, threads: int) -> dict:
@@ -150,12 +162,18 @@ def bench_model(name: str, n_images: int, threads: int) -> dict:
                 "npu_fp16_top1": float(100 * (pred_fp16 == labels).mean()),
                 "fp16_agreement_with_float": float(100 * (pred_fp16 == pred_float).mean())})
         xs = x[:n_images]
-        ips = _throughput({"ort_fp32": lambda b: ort_fp32.run(None, {iname: b}),
-                           "npu_fp16": lambda b: sess["fp16"].run(b),
-                           "npu_int8": lambda b: sess["int8"].run(b)}, xs)
+        fns = {"ort_fp32": lambda b: ort_fp32.run(None, {iname: b}),
+               "npu_fp16": lambda b: sess["fp16"].run(b),
+               "npu_int8": lambda b: sess["int8"].run(b)}
+        lanes = sess["int8"]._engine.lanes
+        if lanes > 1:  # the same INT8 model with its threads inside one run, for comparison
+            one = FastEngine(read_om(oms["int8"]), threads=threads, lanes=1)
+            oname = one.sess.get_inputs()[0].name
+            fns["npu_int8_one_run"] = lambda b: one.run({oname: b})
+        ips, ratio = _throughput(fns, xs, "ort_fp32")
         row["images_per_s"] = ips
-        row["slowdown_vs_ort_fp32"] = {b: ips["ort_fp32"] / ips[f"npu_{b}"]
-                                       for b in ("fp16", "int8")}
+        row["int8_lanes"] = lanes
+        row["slowdown_vs_ort_fp32"] = {k[4:]: v for k, v in ratio.items()}
         row["estimated_ms"] = {b: (sess[b].estimate or {}).get("summary", {}).get("total_ms")
                                for b in sess}
     return row
@@ -179,8 +197,9 @@ def main(argv=None) -> int:
     Path(a.results).parent.mkdir(parents=True, exist_ok=True)
     Path(a.results).write_text(json.dumps(doc, indent=1))
     print("\n| model | INT8/FP16 .om size | INT8 agreement w/ fake-quant | FP16 agreement w/ float "
-          "| ORT FP32 img/s | NPU FP16 img/s (slowdown) | NPU INT8 img/s (slowdown) |")
-    print("|---|---|---|---|---|---|---|")
+          "| ORT FP32 img/s | NPU FP16 img/s (slowdown) | NPU INT8 img/s (slowdown) "
+          "| INT8 slices (slowdown in one run) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ips, sl = r["images_per_s"], r["slowdown_vs_ort_fp32"]
         print(f"| {r['model']} | {r['int8_over_fp16_size']:.3f} "
@@ -188,7 +207,9 @@ def main(argv=None) -> int:
               f"{r.get('int8_agreement_with_fake_quant', float('nan')):.2f} % | "
               f"{r.get('fp16_agreement_with_float', float('nan')):.2f} % | "
               f"{ips['ort_fp32']:.0f} | {ips['npu_fp16']:.0f} ({sl['fp16']:.2f}x) | "
-              f"{ips['npu_int8']:.0f} ({sl['int8']:.2f}x) |")
+              f"{ips['npu_int8']:.0f} ({sl['int8']:.2f}x) | "
+              + (f"{r['int8_lanes']} ({sl['int8_one_run']:.2f}x) |" if "int8_one_run" in sl
+                 else "1 |"))
     return 0
 
 

@@ -84,3 +84,13 @@ def test_the_int32_accumulator_saturates_like_the_numerics():
     assert all(r["exact"] for r in rows if r["precision"] == "int8")
     acc = fast.FastEngine(om, debug=True).run({"x": X})["project/acc"]
     assert acc.min() >= nm.INT32_MIN and acc.max() <= float(nm.INT32_MAX) + 1
+
+
+def test_int8_batch_slices_on_one_thread_each_give_the_whole_batch_bit_for_bit():
+    om = _om(True)
+    lanes, whole = fast.FastEngine(om, threads=3), fast.FastEngine(om, threads=1)
+    assert (lanes.lanes, whole.lanes) == (3, 1)
+    assert fast.FastEngine(_om(False), threads=3).lanes == 1  # FP16 graphs: threads in one run
+    got = lanes.run({"x": X})["y"]  # 8 samples in slices of 2, 3 and 3
+    assert got.shape[0] == len(X) and np.array_equal(got, whole.run({"x": X})["y"])
+    assert np.array_equal(lanes.run({"x": X[:1]})["y"], got[:1])  # one sample: no slicing

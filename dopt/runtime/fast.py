@@ -533,16 +533,43 @@ class _GraphBuilder:
             self.round16(raw, out)
 
 
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask, not the machine's count)."""
+    import os
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 class FastEngine:
-    def __init__(self, om, *, npu: bool = True, debug: bool = False, threads: int = 0):
+    """The compiled graph as one ONNX Runtime session.
+
+    ``lanes``: a graph with INT8 depthwise layers runs a batch as that many slices at
+    once, one ONNX Runtime thread each, instead of one batch on that many threads. The
+    ``DequantizeLinear`` of every INT8 layer's input (its exact ``q - o``) runs on one
+    thread whatever the thread count, and in front of a depthwise convolution it costs as
+    much as the convolution, so threads inside one run leave a core idle for a large
+    share of the time. Networks of dense convolutions run faster with the threads inside
+    the run (docs/benchmarks.md). The samples are independent inferences: slicing changes
+    no value (``tests/test_runtime_blocked.py``). ``threads``: 0 uses the process's cores;
+    ``lanes``: the slices, when not chosen as above.
+    """
+
+    def __init__(self, om, *, npu: bool = True, debug: bool = False, threads: int = 0,
+                 lanes: int | None = None):
         builder = _GraphBuilder(om, npu)
         self.model = builder.build(debug=debug)
         self.float_int = builder.float_int
         self.split = builder.split
         self.float_q = builder.float_q
         self.chunks = builder.chunks
+        dw8 = any(k["op"] == "QuantizedConvolutionDepthwise" for k in om.graph["kernels"])
+        self.lanes = lanes or ((threads or usable_cores()) if dw8 and not debug else 1)
+        self._pool = None
         try:
-            self.sess = session(self.model, threads, blocked=npu and not debug)
+            self.sess = session(self.model, 1 if self.lanes > 1 else threads,
+                                blocked=npu and not debug)
         except Exception as e:  # noqa: BLE001 - report which model failed, not ORT internals
             import re
             msg = str(e).splitlines()[0]
@@ -556,6 +583,30 @@ class FastEngine:
         self.names = [o.name for o in self.sess.get_outputs()]
 
     def run(self, feeds: dict) -> dict:
+        sizes = {len(v) for v in feeds.values() if np.ndim(v)}
+        n = sizes.pop() if len(sizes) == 1 else 1
+        if self.lanes < 2 or n < 2:
+            return self._run(feeds)
+        k = min(self.lanes, n)
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(self.lanes - 1, thread_name_prefix="dopt-npu")
+        bounds = np.linspace(0, n, k + 1).astype(int)
+        parts = [{name: (v[a:b] if np.ndim(v) else v) for name, v in feeds.items()}
+                 for a, b in zip(bounds[:-1], bounds[1:])]
+        futures = [self._pool.submit(self._run, p) for p in parts[1:]]
+        try:
+            outs = [self._run(parts[0])] + [f.result() for f in futures]
+        except DoptError:
+            outs = None  # a graph that fixed its batch size: the whole batch, as asked
+        if outs is None or not all(np.ndim(o[name]) and len(o[name]) == b - a for o, a, b
+                                   in zip(outs, bounds[:-1], bounds[1:])
+                                   for name in self.names):
+            self.lanes = 1  # or an output that is not one row per sample
+            return self._run(feeds)
+        return {name: np.concatenate([o[name] for o in outs]) for name in self.names}
+
+    def _run(self, feeds: dict) -> dict:
         try:
             outs = self.sess.run(None, feeds)
         except Exception as e:  # noqa: BLE001 - a shape the compiled graph fixed, typically

@@ -103,17 +103,24 @@ def predict_ms(f: dict, c: dict) -> float:
     return float((t.sum() + f["fixed_us"]) / 1e3)
 
 
-def analyse(name: str, profile, side: int | None = None, int8_skip: int = 0) -> dict:
+def analyse(name: str, profile, side: int | None = None, int8_skip: int = 0,
+            variant: int | None = None) -> dict:
     """Lower one zoo network; pre-check it FP16 and INT8; features on the buffer grid.
 
     ``int8_skip``: leave the first and last ``int8_skip`` weighted layers FP16 (a user's
-    usual choice, for the sensitivity table)."""
+    usual choice, for the sensitivity table); ``variant``: an index into
+    ``zoo_models.VARIANTS[name]`` instead of the network fitted."""
     import onnx
-    graph = lower_onnx(onnx.load(str(zoo_models.export(name, side=side))))
+    if variant is None:
+        path, shape = zoo_models.export(name, side=side), zoo_models.input_shape(name, side)
+    else:
+        path, shape = (zoo_models.export_variant(name, variant),
+                       zoo_models.VARIANTS[name][variant][2])
+    graph = lower_onnx(onnx.load(str(path)))
     int8 = [n.name for n in graph.nodes if n.op in INT8_OPS]
     if int8_skip:
         int8 = int8[int8_skip:-int8_skip]
-    out = {"input": "x".join(map(str, zoo_models.input_shape(name, side)[1:])), "graph": graph}
+    out = {"input": "x".join(map(str, shape[1:])), "graph": graph}
     for prec, nodes in (("fp16", ()), ("int8", int8)):
         report = precheck(graph, profile, nodes)
         out[prec + "_report"] = report
@@ -261,6 +268,12 @@ def _sensitivity(name: str, f: dict, consts: dict, profile) -> dict:
     g = analyse(name, profile, int8_skip=1)
     row["int8_first_last_fp16_pct"] = round(
         100 * (predict(g["int8"], consts) / predict(f["int8"], consts) - 1), 1)
+    row["variants"] = []
+    for i, (label, _, _) in enumerate(zoo_models.VARIANTS.get(name, [])):
+        g = analyse(name, profile, variant=i)
+        row["variants"].append({"variant": label, "input": g["input"], "gmacs": g["gmacs"], **{
+            f"{p}_pct": round(100 * (predict(g[p], consts) / predict(f[p], consts) - 1), 1)
+            for p in PRECISIONS}})
     return row
 
 
@@ -358,6 +371,13 @@ def render(result: dict) -> str:
         lines.append(f"| {r['model']} | " + " | ".join(pct(r[k]) for k in (
             "fp16_side_-12.5%_pct", "fp16_side_+12.5%_pct", "int8_side_-12.5%_pct",
             "int8_side_+12.5%_pct", "int8_first_last_fp16_pct")) + " |")
+    variants = [(r, v) for r in result["sensitivity"] for v in r.get("variants", [])]
+    if variants:
+        lines += ["", "| model variant (another reading of the row's name) | input | GMACs | "
+                  "FP16 estimate | INT8 estimate |", "|---|---|---|---|---|"]
+        for r, v in variants:
+            lines.append(f"| {r['model']}: {v['variant']} | {v['input']} | {v['gmacs']:.2f} | "
+                         f"{pct(v['fp16_pct'])} | {pct(v['int8_pct'])} |")
     return "\n".join(lines)
 
 
@@ -369,8 +389,9 @@ def main(argv=None) -> int:
     ap.add_argument("--validation", type=Path, default=None,
                     help="CSV of other measured networks, predicted without refitting")
     ap.add_argument("--sensitivity", action="store_true",
-                    help="also estimate each network at +-12.5 %% input side and with its "
-                         "first/last layer FP16 (exports 22 more networks, minutes)")
+                    help="also estimate each network at +-12.5 %% input side, with its "
+                         "first/last layer FP16 and as the other model variants its name "
+                         "may mean (exports about 28 more networks, minutes)")
     args = ap.parse_args(argv)
     run(args.data, args.write_profile, args.validation, args.sensitivity)
     return 0

@@ -234,6 +234,11 @@ def test_dopt_run_cli(tmp_path):
     assert "12/12 INT8 bit-exact" in r.stdout
     y = np.load(tmp_path / "y.npz")["y"]
     assert np.array_equal(y, Session(om).run(x)["y"])
+    r = dopt("run", "--om", str(tmp_path / "a.om"), "--input", str(tmp_path / "x.npy"),
+             "--output", str(tmp_path / "y1.npz"), "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(np.load(tmp_path / "y1.npz")["y"], y)
+    _err(dopt("run", "--om", str(tmp_path / "a.om"), "--threads", "-2"), "threads", ">= 0")
     _err(dopt("run", "--om", str(tmp_path / "a.om"), "--input", str(tmp_path / "nope.npy")),
          "nope.npy")
     np.save(tmp_path / "bad.npy", x[:, :3])

@@ -103,7 +103,8 @@ def _run(a):
     import numpy as np
     from .. import runtime
     from ..formats.fileio import atomic_path
-    sess = runtime.load(a.om, device=a.device, engine=a.engine, verify_with=a.verify_signature)
+    sess = runtime.load(a.om, device=a.device, engine=a.engine, threads=a.threads,
+                        verify_with=a.verify_signature)
     if a.verify_signature:
         print(f"signature: verified ({a.om}'s folder, key {a.verify_signature})")
     default = sess.inputs[0]["name"] if len(sess.inputs) == 1 else None
@@ -193,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", help="write the outputs to this .npz")
     s.add_argument("--device", choices=("npu", "cpu"), default="npu")
     s.add_argument("--engine", choices=("fast", "reference"), default="fast")
+    s.add_argument("--threads", type=int, default=0,
+                   help="CPU threads of the emulation (0: the cores this process may use)")
     s.add_argument("--aipp", metavar="PARAMS_JSON",
                    help="run-time parameters of a dynamic AIPP (JSON object, config field names)")
     s.add_argument("--report", action="store_true",

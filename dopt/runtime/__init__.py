@@ -40,6 +40,9 @@ class Session:
         if engine not in ENGINES:
             raise DoptError("unknown engine", field="engine", expected=" or ".join(ENGINES),
                             found=repr(engine))
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise DoptError("threads must be a whole number >= 0", field="threads",
+                            found=repr(threads), hint="0 uses the cores this process may use")
         check_graph(om, path)
         self.om, self.device, self.engine_name, self.path = om, device, engine, path
         self._threads = threads

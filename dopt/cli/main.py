@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=("npu", "cpu"), default="npu")
     s.add_argument("--engine", choices=("fast", "reference"), default="fast")
     s.add_argument("--threads", type=int, default=0,
-                   help="CPU threads of the emulation (0: the cores this process may use)")
+                   help="CPU threads of the emulation (0: as many as the machine offers)")
     s.add_argument("--aipp", metavar="PARAMS_JSON",
                    help="run-time parameters of a dynamic AIPP (JSON object, config field names)")
     s.add_argument("--report", action="store_true",

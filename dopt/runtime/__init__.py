@@ -42,7 +42,7 @@ class Session:
                             found=repr(engine))
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
             raise DoptError("threads must be a whole number >= 0", field="threads",
-                            found=repr(threads), hint="0 uses the cores this process may use")
+                            found=repr(threads), hint="0 lets dopt choose from the machine's cores")
         check_graph(om, path)
         self.om, self.device, self.engine_name, self.path = om, device, engine, path
         self._threads = threads

@@ -552,7 +552,8 @@ class FastEngine:
     much as the convolution, so threads inside one run leave a core idle for a large
     share of the time. Networks of dense convolutions run faster with the threads inside
     the run (docs/benchmarks.md). The samples are independent inferences: slicing changes
-    no value (``tests/test_runtime_blocked.py``). ``threads``: 0 uses the process's cores;
+    no value (``tests/test_runtime_blocked.py``). ``threads``: 0 is ONNX Runtime's
+    default, or for the slices the CPUs the process may run on;
     ``lanes``: the slices, when not chosen as above.
     """
 

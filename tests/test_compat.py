@@ -279,3 +279,17 @@ def test_torchvision_family(name):
     assert row["status"] != "crash", row
     if row["status"] != "refused":
         _accept(row)
+
+
+def test_torchvision_network_through_the_int8_path():
+    """dopt_so calibration, dopt omg INT8 and the emulated NPU on a public depthwise network
+    (runs a batch as slices): every INT8 kernel bit-exact to the reference interpreter, and
+    the outputs close to the QDQ model dopt_so wrote, on ONNX Runtime."""
+    _torchvision()
+    from bench import bench_compat_int8
+    with time_limit(600):
+        row = bench_compat_int8.check("mobilenet_v3_small")
+    assert row["status"] == "ok", row
+    exact, total = map(int, row["int8_kernels_exact"].split("/"))
+    assert row["int8_layers"] > 40 and exact == total >= 2 * row["int8_layers"]
+    assert row["finite"] and row["rel_err_vs_qdq"] < 0.2 and row["top1_agree_vs_qdq"] == 1.0

@@ -10,6 +10,9 @@ def test_round_half_even_and_clamp():
     x = np.array([-100.0, -0.25, 0.25, 0.75, 1.25, 61.0, 100.0], np.float32)
     # x/s = -200, -0.5, 0.5, 1.5, 2.5, 122, 200 -> rint: -200, -0, 0, 2, 2, 122, 200; + o; clamp
     assert nm.quantize_activation(x, s, o).tolist() == [-128, -3, -3, -1, -1, 119, 127]
+    # non-finite inputs (an FP16 overflow upstream): +-inf saturate, NaN is the lowest code
+    special = np.array([np.inf, -np.inf, np.nan], np.float32)
+    assert nm.quantize_activation(special, s, o).tolist() == [127, -128, -128]
 
 
 def test_activation_qparams_golden():

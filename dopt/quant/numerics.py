@@ -69,9 +69,13 @@ def activation_qparams(lo, hi) -> tuple[np.float32, int]:
 
 
 def quantize_activation(x, scale, offset) -> np.ndarray:
+    """``clamp(rint(x / s) + o)`` as int8; +-inf saturate, NaN gives ``ACT_QMIN`` (as ONNX
+    Runtime's ``QuantizeLinear``, so the fast engine and the reference agree on it)."""
     x = np.asarray(x, dtype=np.float32)
-    q = np.rint(x / _f32(scale)) + _f32(offset)
-    return np.clip(q, ACT_QMIN, ACT_QMAX).astype(np.int8)
+    with np.errstate(invalid="ignore"):
+        q = np.rint(x / _f32(scale)) + _f32(offset)
+    q = np.where(np.isnan(q), ACT_QMIN, np.clip(q, ACT_QMIN, ACT_QMAX))
+    return q.astype(np.int8)
 
 
 def dequantize_activation(q, scale, offset) -> np.ndarray:

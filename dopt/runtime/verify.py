@@ -70,9 +70,12 @@ def kernel_agreement(om, feeds: dict, *, npu: bool = True) -> list[dict]:
             if dt in FLOAT_DTYPES and not int8_kernel or k["op"] == "Dequantize" and not npu:
                 d = np.abs(got.astype(np.float64) - w)
                 u = fp16_ulp_distance(got, w)
-                ok = (u <= FP16_ULP_BOUND) | (d <= CANCEL_REL * float(np.abs(w).max(initial=0)))
+                both_nan = np.isnan(got) & np.isnan(w)  # the same NaN from the same inputs
+                ok = (u <= FP16_ULP_BOUND) | (d <= CANCEL_REL * float(np.abs(w).max(initial=0))) \
+                    | both_nan
                 ulp = int(u.max(initial=0))
-                exact = bool(np.array_equal(got.astype(np.float32), w.astype(np.float32)))
+                exact = bool(np.array_equal(got.astype(np.float32), w.astype(np.float32),
+                                            equal_nan=True))
                 diff = float(d.max(initial=0))
                 within = bool(ok.all())
             else:

@@ -13,8 +13,8 @@ through the ONNX path (``dopt_so`` + ``dopt omg``). Throughput: batch 32, the em
 fast engine (FP16 and INT8 builds) against ONNX Runtime FP32 on the float ONNX model,
 same process, same threads; 7 rounds, each running every engine in turn; images/s from
 each engine's best round, slowdowns as the median over rounds of the ratio within a round.
-For an INT8 model that runs batches as slices (INT8 depthwise layers, ``docs/omg.md``), the
-same model with its threads inside one run is timed too. Writes
+The same models with the threads inside one whole-batch run (no slices,
+``docs/omg.md``) are timed too. Writes
 bench/results/npu_runtime.json.
 """
 from __future__ import annotations
@@ -165,14 +165,16 @@ def bench_model(name: str, n_images: int, threads: int) -> dict:
         fns = {"ort_fp32": lambda b: ort_fp32.run(None, {iname: b}),
                "npu_fp16": lambda b: sess["fp16"].run(b),
                "npu_int8": lambda b: sess["int8"].run(b)}
-        lanes = sess["int8"]._engine.lanes
-        if lanes > 1:  # the same INT8 model with its threads inside one run, for comparison
-            one = FastEngine(read_om(oms["int8"]), threads=threads, lanes=1)
-            oname = one.sess.get_inputs()[0].name
-            fns["npu_int8_one_run"] = lambda b: one.run({oname: b})
+        for b in ("fp16", "int8"):  # each model with its threads inside one batch's run
+            if sess[b]._engine.lanes > 1:
+                one = FastEngine(read_om(oms[b]), threads=threads, lanes=1)
+                one.slice = 1 << 30  # no slices: the whole batch in one run
+                fns[f"npu_{b}_one_run"] = (lambda e, n: lambda v: e.run({n: v}))(
+                    one, one.sess.get_inputs()[0].name)
         ips, ratio = _throughput(fns, xs, "ort_fp32")
         row["images_per_s"] = ips
-        row["int8_lanes"] = lanes
+        row["slice_samples"] = {b: sess[b]._engine.slice for b in sess}
+        row["int8_lanes"] = sess["int8"]._engine.lanes
         row["slowdown_vs_ort_fp32"] = {k[4:]: v for k, v in ratio.items()}
         row["estimated_ms"] = {b: (sess[b].estimate or {}).get("summary", {}).get("total_ms")
                                for b in sess}
@@ -198,7 +200,7 @@ def main(argv=None) -> int:
     Path(a.results).write_text(json.dumps(doc, indent=1))
     print("\n| model | INT8/FP16 .om size | INT8 agreement w/ fake-quant | FP16 agreement w/ float "
           "| ORT FP32 img/s | NPU FP16 img/s (slowdown) | NPU INT8 img/s (slowdown) "
-          "| INT8 slices (slowdown in one run) |")
+          "| one batch per run: FP16 / INT8 slowdown |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ips, sl = r["images_per_s"], r["slowdown_vs_ort_fp32"]
@@ -208,8 +210,8 @@ def main(argv=None) -> int:
               f"{r.get('fp16_agreement_with_float', float('nan')):.2f} % | "
               f"{ips['ort_fp32']:.0f} | {ips['npu_fp16']:.0f} ({sl['fp16']:.2f}x) | "
               f"{ips['npu_int8']:.0f} ({sl['int8']:.2f}x) | "
-              + (f"{r['int8_lanes']} ({sl['int8_one_run']:.2f}x) |" if "int8_one_run" in sl
-                 else "1 |"))
+              + " / ".join(f"{sl[f'{b}_one_run']:.2f}x" if f"{b}_one_run" in sl else "-"
+                           for b in ("fp16", "int8")) + " |")
     return 0
 
 

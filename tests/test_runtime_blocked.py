@@ -86,11 +86,15 @@ def test_the_int32_accumulator_saturates_like_the_numerics():
     assert acc.min() >= nm.INT32_MIN and acc.max() <= float(nm.INT32_MAX) + 1
 
 
-def test_int8_batch_slices_on_one_thread_each_give_the_whole_batch_bit_for_bit():
-    om = _om(True)
-    lanes, whole = fast.FastEngine(om, threads=3), fast.FastEngine(om, threads=1)
-    assert (lanes.lanes, whole.lanes) == (3, 1)
-    assert fast.FastEngine(_om(False), threads=3).lanes == 1  # FP16 graphs: threads in one run
-    got = lanes.run({"x": X})["y"]  # 8 samples in slices of 2, 3 and 3
-    assert got.shape[0] == len(X) and np.array_equal(got, whole.run({"x": X})["y"])
-    assert np.array_equal(lanes.run({"x": X[:1]})["y"], got[:1])  # one sample: no slicing
+def test_batch_slices_on_one_thread_each_give_the_whole_batch_bit_for_bit():
+    for int8 in (True, False):
+        om = _om(int8)
+        sliced, whole = fast.FastEngine(om, threads=3), fast.FastEngine(om, threads=1)
+        assert (sliced.lanes, whole.lanes) == (3, 1)
+        assert fast.SLICE_MIN <= sliced.slice <= fast.SLICE_MAX
+        sliced.slice = 3                   # 8 samples: slices of 3, 3 and 2 on three threads
+        got = sliced.run({"x": X})["y"]
+        assert got.shape[0] == len(X) and np.array_equal(got, whole.run({"x": X})["y"])
+        # a batch of one slice or less runs on all the threads, in the second session
+        assert np.array_equal(sliced.run({"x": X[:2]})["y"], got[:2])
+        assert sliced._whole is not None and sliced._whole is not sliced.sess

@@ -542,19 +542,36 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-class FastEngine:
-    """The compiled graph as one ONNX Runtime session.
+# A slice's largest activation should stay in a core's L2 cache (about 2 MB here), with at
+# least SLICE_MIN samples per run so ONNX Runtime's per-run cost stays small.
+SLICE_CACHE_BYTES = 2 << 20
+SLICE_MIN, SLICE_MAX = 4, 16
 
-    ``lanes``: a graph with INT8 depthwise layers runs a batch as that many slices at
-    once, one ONNX Runtime thread each, instead of one batch on that many threads. The
-    ``DequantizeLinear`` of every INT8 layer's input (its exact ``q - o``) runs on one
-    thread whatever the thread count, and in front of a depthwise convolution it costs as
-    much as the convolution, so threads inside one run leave a core idle for a large
-    share of the time. Networks of dense convolutions run faster with the threads inside
-    the run (docs/benchmarks.md). The samples are independent inferences: slicing changes
-    no value (``tests/test_runtime_blocked.py``). ``threads``: 0 is ONNX Runtime's
-    default, or for the slices the CPUs the process may run on;
-    ``lanes``: the slices, when not chosen as above.
+
+def slice_samples(om) -> int:
+    """Samples per slice, from the largest activation in the model's own estimate (the
+    NPU's FP16/INT8 bytes of one sample; the emulation holds them as float32)."""
+    rows = (om.meta.get("estimate") or {}).get("kernels") or []
+    biggest = max((int(r.get("activation_bytes") or 0) * (4 if r.get("int8") else 2)
+                   for r in rows), default=0)
+    if not biggest:
+        return SLICE_MAX
+    return max(SLICE_MIN, min(SLICE_MAX, SLICE_CACHE_BYTES // biggest))
+
+
+class FastEngine:
+    """The compiled graph as ONNX Runtime sessions.
+
+    A batch runs as slices of ``slice_samples`` samples, ``workers`` slices at once, one
+    ONNX Runtime thread each, instead of one batch on that many threads. Two reasons, both
+    measured (docs/benchmarks.md): the ``DequantizeLinear`` of every INT8 layer's input
+    (its exact ``q - o``) runs on one thread whatever the thread count, and small slices
+    keep a layer's activations in the core's cache (EfficientNet-Lite0 at 224x224: 23 ms a
+    sample in slices of 4 against 34 ms in one batch of 32, one thread). The samples are
+    independent inferences: slicing changes no value (``tests/test_runtime_blocked.py``).
+    A batch of one slice or less runs on all the threads, in a second session made when
+    first needed. ``threads``: 0 takes the CPUs the process may run on; ``lanes``: the
+    number of workers, when not ``threads``.
     """
 
     def __init__(self, om, *, npu: bool = True, debug: bool = False, threads: int = 0,
@@ -565,12 +582,14 @@ class FastEngine:
         self.split = builder.split
         self.float_q = builder.float_q
         self.chunks = builder.chunks
-        dw8 = any(k["op"] == "QuantizedConvolutionDepthwise" for k in om.graph["kernels"])
-        self.lanes = lanes or ((threads or usable_cores()) if dw8 and not debug else 1)
+        self.blocked = npu and not debug
+        self.lanes = 1 if debug else (lanes or threads or usable_cores())
+        self.slice = (1 << 30) if debug else slice_samples(om)  # debug: every tensor out
         self._pool = None
+        self._whole = None
         try:
             self.sess = session(self.model, 1 if self.lanes > 1 else threads,
-                                blocked=npu and not debug)
+                                blocked=self.blocked)
         except Exception as e:  # noqa: BLE001 - report which model failed, not ORT internals
             import re
             msg = str(e).splitlines()[0]
@@ -583,33 +602,42 @@ class FastEngine:
                                  "interpreter, same numerics, slower)") from None
         self.names = [o.name for o in self.sess.get_outputs()]
 
+    def _whole_session(self):
+        """The session that runs one batch on all the threads (small batches)."""
+        if self.lanes < 2:
+            return self.sess
+        if self._whole is None:
+            self._whole = session(self.model, self.lanes, blocked=self.blocked)
+        return self._whole
+
     def run(self, feeds: dict) -> dict:
         sizes = {len(v) for v in feeds.values() if np.ndim(v)}
         n = sizes.pop() if len(sizes) == 1 else 1
-        if self.lanes < 2 or n < 2:
-            return self._run(feeds)
-        k = min(self.lanes, n)
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-            self._pool = ThreadPoolExecutor(self.lanes - 1, thread_name_prefix="dopt-npu")
-        bounds = np.linspace(0, n, k + 1).astype(int)
+        if n <= self.slice or self.lanes < 1:
+            return self._run(feeds, self._whole_session())
+        bounds = list(range(0, n, self.slice)) + [n]
         parts = [{name: (v[a:b] if np.ndim(v) else v) for name, v in feeds.items()}
                  for a, b in zip(bounds[:-1], bounds[1:])]
-        futures = [self._pool.submit(self._run, p) for p in parts[1:]]
         try:
-            outs = [self._run(parts[0])] + [f.result() for f in futures]
+            if self.lanes > 1:
+                if self._pool is None:
+                    from concurrent.futures import ThreadPoolExecutor
+                    self._pool = ThreadPoolExecutor(self.lanes, thread_name_prefix="dopt-npu")
+                outs = list(self._pool.map(self._run, parts))
+            else:
+                outs = [self._run(p) for p in parts]
         except DoptError:
             outs = None  # a graph that fixed its batch size: the whole batch, as asked
         if outs is None or not all(np.ndim(o[name]) and len(o[name]) == b - a for o, a, b
                                    in zip(outs, bounds[:-1], bounds[1:])
                                    for name in self.names):
-            self.lanes = 1  # or an output that is not one row per sample
-            return self._run(feeds)
+            self.slice = n  # or an output that is not one row per sample
+            return self._run(feeds, self._whole_session())
         return {name: np.concatenate([o[name] for o in outs]) for name in self.names}
 
-    def _run(self, feeds: dict) -> dict:
+    def _run(self, feeds: dict, sess=None) -> dict:
         try:
-            outs = self.sess.run(None, feeds)
+            outs = (sess or self.sess).run(None, feeds)
         except Exception as e:  # noqa: BLE001 - a shape the compiled graph fixed, typically
             shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
             msg = str(e).split("Status Message:")[-1].strip().splitlines()[0][:300]

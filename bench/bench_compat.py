@@ -137,18 +137,35 @@ def _worker(kind: str, name: str) -> int:
     return 0
 
 
-def run_one(kind: str, name: str, timeout: int) -> dict:
+def run_worker(cmd: list, tag: str, timeout: int, ident: dict) -> dict:
+    """Run one network's worker process under ``timeout``; its result row (the line tagged
+    ``tag``), or a timeout / crash row carrying ``ident`` and the reason."""
     try:
-        r = subprocess.run([sys.executable, "-m", "bench.bench_compat", "--worker", kind, name],
-                           cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run([sys.executable] + cmd, cwd=ROOT, capture_output=True, text=True,
+                           timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"model": name, "kind": kind, "status": "timeout",
-                "reason": f"no result within {timeout} s"}
+        return {**ident, "status": "timeout", "reason": f"no result within {timeout} s"}
     for line in r.stdout.splitlines():
-        if line.startswith(TAG):
-            return json.loads(line[len(TAG):])
-    return {"model": name, "kind": kind, "status": "crash",
+        if line.startswith(tag):
+            return json.loads(line[len(tag):])
+    return {**ident, "status": "crash",
             "reason": (r.stderr.strip().splitlines() or ["no output"])[-1][:400]}
+
+
+def run_one(kind: str, name: str, timeout: int) -> dict:
+    return run_worker(["-m", "bench.bench_compat", "--worker", kind, name], TAG, timeout,
+                      {"model": name, "kind": kind})
+
+
+def merge_rerun(path: Path, result: dict, key) -> dict:
+    """The last full result in ``path`` with the rows of ``result`` (a re-run of some
+    networks) in place of theirs, and the re-run recorded under ``updates``."""
+    full = json.loads(path.read_text())
+    new = {key(r): r for r in result["rows"]}
+    full["rows"] = [new.pop(key(r), r) for r in full["rows"]] + list(new.values())
+    full.setdefault("updates", []).append({k: result[k] for k in ("command", "date", "machine")}
+                                          | {"models": [r["model"] for r in result["rows"]]})
+    return full
 
 
 def table(rows: list[dict]) -> str:
@@ -173,15 +190,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_doc(result: dict) -> None:
-    text = DOC.read_text(encoding="utf-8")
-    begin, end = "<!-- compat:begin -->", "<!-- compat:end -->"
+def write_table(doc: Path, marker: str, result: dict, render) -> None:
+    """Rewrite the block between ``<!-- marker:begin -->`` and ``<!-- marker:end -->`` of
+    ``doc``: the command, machine and date of ``result``, its re-runs, and ``render(rows)``."""
+    text = doc.read_text(encoding="utf-8")
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
     a, b = text.index(begin) + len(begin), text.index(end)
     reruns = "".join(f"\n`{u['command']}` on {u['machine']}, {u['date']}: re-ran "
                      f"{', '.join(u['models'])}." for u in result.get("updates", []))
     body = (f"\n\n`{result['command']}` on {result['machine']}, {result['date']}.{reruns}\n\n"
-            + table(result["rows"]) + "\n\n")
-    DOC.write_text(text[:a] + body + text[b:], encoding="utf-8")
+            + render(result["rows"]) + "\n\n")
+    doc.write_text(text[:a] + body + text[b:], encoding="utf-8")
+
+
+def write_doc(result: dict) -> None:
+    write_table(DOC, "compat", result, table)
 
 
 def main(argv=None) -> int:
@@ -223,13 +246,7 @@ def main(argv=None) -> int:
         write_doc(result)
     elif a.models and RESULTS.is_file():
         # a re-run of some networks replaces their rows in the last full result and says so
-        full = json.loads(RESULTS.read_text())
-        new = {(r.get("kind"), r["model"]): r for r in rows}
-        full["rows"] = [new.pop((r.get("kind"), r["model"]), r) for r in full["rows"]] \
-            + list(new.values())
-        full.setdefault("updates", []).append({k: result[k] for k in ("command", "date",
-                                                                       "machine")}
-                                              | {"models": [r["model"] for r in rows]})
+        full = merge_rerun(RESULTS, result, lambda r: (r.get("kind"), r["model"]))
         RESULTS.write_text(json.dumps(full, indent=1))
         write_doc(full)
     print(table(rows))

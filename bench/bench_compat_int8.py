@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench_compat import rel_err
+from .bench_compat import merge_rerun, rel_err, run_worker, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "compat_int8.json"
@@ -112,17 +112,8 @@ def _worker(name: str) -> int:
 
 
 def run_one(name: str, timeout: int) -> dict:
-    try:
-        r = subprocess.run([sys.executable, "-W", "ignore", "-m", "bench.bench_compat_int8",
-                            "--worker", name], cwd=ROOT, capture_output=True, text=True,
-                           timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"model": name, "status": "timeout", "reason": f"no result within {timeout} s"}
-    for line in r.stdout.splitlines():
-        if line.startswith(TAG):
-            return json.loads(line[len(TAG):])
-    return {"model": name, "status": "crash",
-            "reason": (r.stderr.strip().splitlines() or ["no output"])[-1][:400]}
+    return run_worker(["-W", "ignore", "-m", "bench.bench_compat_int8", "--worker", name], TAG,
+                      timeout, {"model": name})
 
 
 def table(rows: list[dict]) -> str:
@@ -141,14 +132,7 @@ def table(rows: list[dict]) -> str:
 
 
 def write_doc(result: dict) -> None:
-    text = DOC.read_text(encoding="utf-8")
-    begin, end = "<!-- compat-int8:begin -->", "<!-- compat-int8:end -->"
-    a, b = text.index(begin) + len(begin), text.index(end)
-    reruns = "".join(f"\n`{u['command']}` on {u['machine']}, {u['date']}: re-ran "
-                     f"{', '.join(u['models'])}." for u in result.get("updates", []))
-    body = (f"\n\n`{result['command']}` on {result['machine']}, {result['date']}.{reruns}\n\n"
-            + table(result["rows"]) + "\n\n")
-    DOC.write_text(text[:a] + body + text[b:], encoding="utf-8")
+    write_table(DOC, "compat-int8", result, table)
 
 
 def main(argv=None) -> int:
@@ -178,13 +162,7 @@ def main(argv=None) -> int:
               "rows": rows}
     if a.models and RESULTS.is_file():
         # a re-run of some networks replaces their rows in the last full result and says so
-        full = json.loads(RESULTS.read_text())
-        new = {r["model"]: r for r in rows}
-        full["rows"] = [new.pop(r["model"], r) for r in full["rows"]] + list(new.values())
-        full.setdefault("updates", []).append(
-            {k: result[k] for k in ("command", "date", "machine")}
-            | {"models": [r["model"] for r in rows]})
-        result = full
+        result = merge_rerun(RESULTS, result, lambda r: r["model"])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1))

@@ -613,7 +613,7 @@ class FastEngine:
     def run(self, feeds: dict) -> dict:
         sizes = {len(v) for v in feeds.values() if np.ndim(v)}
         n = sizes.pop() if len(sizes) == 1 else 1
-        if n <= self.slice or self.lanes < 1:
+        if n <= self.slice:
             return self._run(feeds, self._whole_session())
         bounds = list(range(0, n, self.slice)) + [n]
         parts = [{name: (v[a:b] if np.ndim(v) else v) for name, v in feeds.items()}

@@ -92,9 +92,24 @@ def test_batch_slices_on_one_thread_each_give_the_whole_batch_bit_for_bit():
         sliced, whole = fast.FastEngine(om, threads=3), fast.FastEngine(om, threads=1)
         assert (sliced.lanes, whole.lanes) == (3, 1)
         assert fast.SLICE_MIN <= sliced.slice <= fast.SLICE_MAX
-        sliced.slice = 3                   # 8 samples: slices of 3, 3 and 2 on three threads
+        sliced.slice = 3                   # 8 samples: slices of 2, 3 and 3 on three threads
         got = sliced.run({"x": X})["y"]
         assert got.shape[0] == len(X) and np.array_equal(got, whole.run({"x": X})["y"])
         # a batch of one slice or less runs on all the threads, in the second session
         assert np.array_equal(sliced.run({"x": X[:2]})["y"], got[:2])
         assert sliced._whole is not None and sliced._whole is not sliced.sess
+
+
+def test_a_batch_is_cut_into_equal_slices_a_multiple_of_the_workers():
+    # 32 samples at about 13 a slice on two workers: two slices of 16, not 13 + 13 + 6
+    assert fast.slice_bounds(32, 13, 2) == [0, 16, 32]
+    assert fast.slice_bounds(32, 4, 2) == [0, 4, 8, 12, 16, 20, 24, 28, 32]
+    for n in range(1, 70):
+        for target in (1, 2, 3, 5, 16):
+            for lanes in (1, 2, 3, 4):
+                b = fast.slice_bounds(n, target, lanes)
+                sizes = np.diff(b)
+                assert b[0] == 0 and b[-1] == n and sizes.min() >= 1, (n, target, lanes)
+                assert sizes.max() - sizes.min() <= 1, (n, target, lanes)
+                assert len(sizes) % lanes == 0 or len(sizes) == n, (n, target, lanes)
+                assert sizes.max() <= 1.5 * target + 1, (n, target, lanes)  # about target

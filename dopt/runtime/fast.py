@@ -542,10 +542,11 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-# A slice's largest activation should stay in a core's L2 cache (about 2 MB here), with at
-# least SLICE_MIN samples per run so ONNX Runtime's per-run cost stays small.
+# A slice's largest activation should stay in a core's L2 cache (about 2 MB here); a model
+# whose one sample is bigger runs one sample a slice (its per-run cost is then small next to
+# the sample's), a small one at most SLICE_MAX samples a slice.
 SLICE_CACHE_BYTES = 2 << 20
-SLICE_MIN, SLICE_MAX = 4, 16
+SLICE_MIN, SLICE_MAX = 1, 16
 
 
 def slice_samples(om) -> int:
@@ -557,6 +558,14 @@ def slice_samples(om) -> int:
     if not biggest:
         return SLICE_MAX
     return max(SLICE_MIN, min(SLICE_MAX, SLICE_CACHE_BYTES // biggest))
+
+
+def slice_bounds(n: int, target: int, lanes: int) -> list[int]:
+    """Bounds of the slices of a batch of ``n``: about ``target`` samples each, a multiple of
+    ``lanes`` slices of equal size (within one sample), so that no worker is left running
+    a last slice alone (32 samples at 13 a slice on two workers: 16 + 16, not 13 + 13 + 6)."""
+    k = min(n, max(1, round(n / (target * lanes))) * lanes)
+    return [n * i // k for i in range(k + 1)]
 
 
 class FastEngine:
@@ -615,7 +624,7 @@ class FastEngine:
         n = sizes.pop() if len(sizes) == 1 else 1
         if n <= self.slice:
             return self._run(feeds, self._whole_session())
-        bounds = list(range(0, n, self.slice)) + [n]
+        bounds = slice_bounds(n, self.slice, self.lanes)
         parts = [{name: (v[a:b] if np.ndim(v) else v) for name, v in feeds.items()}
                  for a, b in zip(bounds[:-1], bounds[1:])]
         try:

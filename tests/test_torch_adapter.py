@@ -308,6 +308,50 @@ def test_narrow_convolution_trains_as_fp16_with_straight_through_gradients(tmp_p
     assert torch.equal(q.conv1.bn.running_mean, rm1)
 
 
+def test_in_place_fp16_rounding_is_the_straight_through_rounding():
+    from dopt_adapters.torch.modules import round_fp16_ste, round_fp16_ste_
+    w = torch.randn(4, 3, requires_grad=True)
+    g = torch.randn(4, 3)
+    a, b = w * 1.7, w * 1.7  # new tensors, nobody else holds them
+    ya, yb = round_fp16_ste(a), round_fp16_ste_(b)
+    assert yb is b and torch.equal(ya, yb) and torch.equal(yb, yb.half().float())
+    ga, = torch.autograd.grad(ya, w, g)
+    gb, = torch.autograd.grad(yb, w, g)
+    assert torch.equal(ga, gb) and torch.equal(ga, g * 1.7)
+    # a tensor some node saved for its backward is refused at backward, not silently wrong
+    c = w.exp()  # exp's backward keeps its output
+    round_fp16_ste_(c)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        c.sum().backward()
+
+
+def test_the_quant_model_runs_clamps_out_of_place_with_the_same_values(tmp_path):
+    # in-place hardtanh copies its input under autograd: the quant model runs it out of
+    # place (one pass less); outputs and gradients are unchanged
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU6(True),
+                                   torch.nn.Conv2d(8, 4, 3, padding=1),
+                                   torch.nn.Hardtanh(-1.0, 1.0, inplace=True))
+    cfg = tmp_path / "gen.json"
+    generate_config_file(net(), "input:1,3,8,8", dst_path=str(cfg))
+    q = optimize_model(net(), str(cfg))
+    assert [m.inplace for m in q.modules() if isinstance(m, torch.nn.Hardtanh)] == [False, False]
+    ref = optimize_model(net(), str(cfg))
+    for m in ref.modules():
+        if isinstance(m, torch.nn.Hardtanh):
+            m.inplace = True
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for m in (q, ref):
+        m.train()
+        y = m(x)
+        y.square().sum().backward()
+        outs.append((y.detach(), [p.grad for p in m.parameters()]))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))
+
+
 def test_narrow_convolutions_export_as_float_and_compile_to_fp16(tmp_path):
     from dopt.npu.compiler import compile_onnx
     from dopt.npu.profile import load_profile

@@ -124,6 +124,17 @@ def _install_fp16_ops(model: nn.Module, edges) -> None:
             m.register_forward_hook(resume, always_call=True)
 
 
+def _clamps_out_of_place(model: nn.Module) -> None:
+    """ReLU6 / Hardtanh modules set ``inplace=True`` run out of place in the quant model.
+
+    Under autograd the in-place clamp first copies its input (its backward needs the
+    values it overwrites), so in place costs one full pass more than out of place; the
+    values are the same. Measured in QAT (``docs/benchmarks.md``)."""
+    for m in model.modules():
+        if isinstance(m, nn.Hardtanh) and m.inplace:
+            m.inplace = False
+
+
 def optimize_model(model, config_path):
     """Wrap the configured layers (see ``modules``) and install the NPU's float numerics.
 
@@ -170,6 +181,7 @@ def optimize_model(model, config_path):
         L.set_module(model, name, q)
     edges = npu_edges.install(model, set(requested), all_pairs)
     _install_fp16_ops(model, edges)
+    _clamps_out_of_place(model)
     setattr(model, INFO_ATTR, {"config": cfg.path, "quantized": quantized, "bn_pairs": pairs,
                                "npu_fp16": narrow, "npu_edges": edges,
                                "input_shape": cfg.input_shape})

@@ -151,6 +151,27 @@ def round_fp16_ste(t):
     return _RoundFp16STE.apply(t)
 
 
+class _RoundFp16InPlaceSTE(torch.autograd.Function):
+    """``_RoundFp16STE`` written back into ``t``: for a tensor the caller has just made and
+    nobody else holds (a layer's own output), it saves allocating (and first touching) a
+    new full-size float32 tensor. Autograd's version check refuses it, at backward, if any
+    node saved ``t``."""
+
+    @staticmethod
+    def forward(ctx, t):
+        ctx.mark_dirty(t)
+        return t.copy_(t.half())
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def round_fp16_ste_(t):
+    """``round_fp16_ste`` in place (see ``_RoundFp16InPlaceSTE``)."""
+    return _RoundFp16InPlaceSTE.apply(t)
+
+
 def bn_factor(bn: nn.BatchNorm2d):
     """Per-channel ``gamma / sqrt(var + eps)`` of an eval-mode BatchNorm."""
     std = torch.sqrt(bn.running_var + bn.eps)
@@ -285,11 +306,13 @@ class NpuFp16Conv2d(_ConvBn, nn.Module):
         if self.bn is not None and self.training and not self.freeze_bn_stats:
             f = bn_factor(self.bn).reshape(-1, 1, 1, 1)
             w = round_fp16_ste(self.layer.weight * f) / f
-            return round_fp16_ste(self.bn(conv2d_as(self.layer, x, w, self.layer.bias)))
+            # the BN output is new and its backward keeps the input: round it in place
+            return round_fp16_ste_(self.bn(conv2d_as(self.layer, x, w, self.layer.bias)))
         w, b = self.folded()
         if b is None:
             b = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
-        return round_fp16_ste(conv2d_as(self.layer, x, round_fp16_ste(w), round_fp16_ste(b)))
+        # the convolution's output is new and its backward keeps the input: round in place
+        return round_fp16_ste_(conv2d_as(self.layer, x, round_fp16_ste(w), round_fp16_ste(b)))
 
 
 def npu_fp16_layers(model: nn.Module):

@@ -89,7 +89,7 @@ def test_the_int32_accumulator_saturates_like_the_numerics():
 def test_batch_slices_on_one_thread_each_give_the_whole_batch_bit_for_bit():
     for int8 in (True, False):
         om = _om(int8)
-        sliced, whole = fast.FastEngine(om, threads=3), fast.FastEngine(om, threads=1)
+        sliced, whole = fast.FastEngine(om, lanes=3), fast.FastEngine(om, threads=1)
         assert (sliced.lanes, whole.lanes) == (3, 1)
         assert fast.SLICE_MIN <= sliced.slice <= fast.SLICE_MAX
         sliced.slice = 3                   # 8 samples: slices of 2, 3 and 3 on three threads
@@ -113,3 +113,23 @@ def test_a_batch_is_cut_into_equal_slices_a_multiple_of_the_workers():
                 assert sizes.max() - sizes.min() <= 1, (n, target, lanes)
                 assert len(sizes) % lanes == 0 or len(sizes) == n, (n, target, lanes)
                 assert sizes.max() <= 1.5 * target + 1, (n, target, lanes)  # about target
+
+
+def test_slices_where_they_pay_one_whole_batch_where_they_do_not():
+    # INT8 depthwise layers: sliced (DequantizeLinear runs on one thread); a small float model:
+    # one batch on all the threads; a float model whose sample fills the cache: sliced
+    int8, small_float = fast.FastEngine(_om(True), threads=3), fast.FastEngine(_om(False),
+                                                                                threads=3)
+    assert int8.lanes == 3 and int8.slice <= fast.SLICE_MAX
+    assert small_float.lanes == 1 and small_float.slice > len(X)
+    assert np.array_equal(small_float.run({"x": X})["y"],
+                          fast.FastEngine(_om(False), lanes=3).run({"x": X})["y"])
+    assert fast.slices_pay(_om(False), fast.CACHE_SLICE_SAMPLES)
+    assert not fast.slices_pay(_om(False), fast.CACHE_SLICE_SAMPLES + 1)
+    # the rule reads the kernels: INT8 depthwise layers, not INT8 layers as such
+    from types import SimpleNamespace
+    kinds = [k["op"] for k in _om(True).graph["kernels"]]
+    assert "QuantizedConvolutionDepthwise" in kinds
+    no_dw = SimpleNamespace(graph={"kernels": [{"op": o} for o in kinds
+                                               if o != "QuantizedConvolutionDepthwise"]})
+    assert not fast.slices_pay(no_dw, fast.CACHE_SLICE_SAMPLES + 1)

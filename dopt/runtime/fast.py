@@ -560,6 +560,23 @@ def slice_samples(om) -> int:
     return max(SLICE_MIN, min(SLICE_MAX, SLICE_CACHE_BYTES // biggest))
 
 
+# a model is cut into slices when this many samples fill the cache (224x224 networks)
+CACHE_SLICE_SAMPLES = 2
+
+
+def slices_pay(om, target: int) -> bool:
+    """Whether batches of this model run faster as slices on parallel workers, from
+    measurements on four networks (docs/benchmarks.md): with INT8 depthwise layers (their
+    large expanded inputs pass through ``DequantizeLinear``, which runs on one thread: the
+    other workers recover that), or when a couple of samples already fill the cache (224x224
+    networks). Otherwise (ResNet8 INT8 and FP16, MobileNetV2S FP16 at 28x28) one batch on
+    all the threads is as fast or faster: ONNX Runtime's own threading works there, and
+    every slice adds a run's fixed cost."""
+    if any(k["op"] == "QuantizedConvolutionDepthwise" for k in om.graph["kernels"]):
+        return True
+    return target <= CACHE_SLICE_SAMPLES
+
+
 def slice_bounds(n: int, target: int, lanes: int) -> list[int]:
     """Bounds of the slices of a batch of ``n``: about ``target`` samples each, a multiple of
     ``lanes`` slices of equal size (within one sample), so that no worker is left running
@@ -571,16 +588,18 @@ def slice_bounds(n: int, target: int, lanes: int) -> list[int]:
 class FastEngine:
     """The compiled graph as ONNX Runtime sessions.
 
-    A batch runs as slices of ``slice_samples`` samples, ``workers`` slices at once, one
-    ONNX Runtime thread each, instead of one batch on that many threads. Two reasons, both
+    A batch runs as slices of about ``slice_samples`` samples (``slice_bounds``: equal
+    slices, a multiple of the workers), ``lanes`` slices at once, one ONNX Runtime thread
+    each, instead of one batch on that many threads. Two reasons, both
     measured (docs/benchmarks.md): the ``DequantizeLinear`` of every INT8 layer's input
     (its exact ``q - o``) runs on one thread whatever the thread count, and small slices
     keep a layer's activations in the core's cache (EfficientNet-Lite0 at 224x224: 23 ms a
     sample in slices of 4 against 34 ms in one batch of 32, one thread). The samples are
     independent inferences: slicing changes no value (``tests/test_runtime_blocked.py``).
     A batch of one slice or less runs on all the threads, in a second session made when
-    first needed. ``threads``: 0 takes the CPUs the process may run on; ``lanes``: the
-    number of workers, when not ``threads``.
+    first needed. A model for which slices do not pay (``slices_pay``) runs every batch
+    whole. ``threads``: 0 takes the CPUs the process may run on; ``lanes``: the number of
+    workers, when not ``threads`` (given, the batches are sliced whatever the model).
     """
 
     def __init__(self, om, *, npu: bool = True, debug: bool = False, threads: int = 0,
@@ -594,6 +613,8 @@ class FastEngine:
         self.blocked = npu and not debug
         self.lanes = 1 if debug else (lanes or threads or usable_cores())
         self.slice = (1 << 30) if debug else slice_samples(om)  # debug: every tensor out
+        if lanes is None and not slices_pay(om, self.slice):
+            self.lanes, self.slice = 1, 1 << 30  # one batch, on ``threads``
         self._pool = None
         self._whole = None
         try:

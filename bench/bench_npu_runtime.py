@@ -2,6 +2,7 @@
 
     python -m bench.bench_npu_runtime [--models resnet8 mobilenetv2s resnet18
                                         efficientnet_lite0] [--images 2048] [--threads N]
+                                        [--rounds 7]
 
 For the two Fashion-MNIST demo networks: dopt calibration (min/max, 512 training images,
 convolutions with Cin <= 16 left float as the NPU runs them), ``generate_final_model``,
@@ -113,7 +114,7 @@ def _throughput(fns: dict, x: np.ndarray, peer: str, batch: int = 32,
     return ips, ratio
 
 
-def bench_model(name: str, n_images: int, threads: int) -> dict:
+def bench_model(name: str, n_images: int, threads: int, rounds: int = 7) -> dict:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         dst = Path(tmp)
@@ -171,7 +172,7 @@ def bench_model(name: str, n_images: int, threads: int) -> dict:
                 one.slice = 1 << 30  # no slices: the whole batch in one run
                 fns[f"npu_{b}_one_run"] = (lambda e, n: lambda v: e.run({n: v}))(
                     one, one.sess.get_inputs()[0].name)
-        ips, ratio = _throughput(fns, xs, "ort_fp32")
+        ips, ratio = _throughput(fns, xs, "ort_fp32", repeats=rounds)
         row["images_per_s"] = ips
         # None: every batch in one run (a float model whose slices would not pay)
         row["slice_samples"] = {b: sess[b]._engine.slice if sess[b]._engine.lanes > 1 else None
@@ -190,10 +191,13 @@ def main(argv=None) -> int:
                     default=["resnet8", "mobilenetv2s", "resnet18", "efficientnet_lite0"])
     ap.add_argument("--images", type=int, default=2048, help="images timed per engine")
     ap.add_argument("--threads", type=int, default=0, help="0: ONNX Runtime's default")
+    ap.add_argument("--rounds", type=int, default=7,
+                    help="rounds of every engine in turn; the slowdown is the median of the "
+                         "per-round ratios (more rounds on a noisy machine)")
     ap.add_argument("--results", default=str(OUT / "npu_runtime.json"))
     a = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
-    rows = [bench_model(m, a.images, a.threads) for m in a.models]
+    rows = [bench_model(m, a.images, a.threads, a.rounds) for m in a.models]
     doc = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or 'cpu'}, "
            f"{__import__('os').cpu_count()} logical CPUs, {platform.system()}",
            "command": "python -m bench.bench_npu_runtime "

@@ -151,20 +151,16 @@ def round_fp16_ste(t):
     return _RoundFp16STE.apply(t)
 
 
-class _RoundFp16InPlaceSTE(torch.autograd.Function):
-    """``_RoundFp16STE`` written back into ``t``: for a tensor the caller has just made and
-    nobody else holds (a layer's own output), it saves allocating (and first touching) a
-    new full-size float32 tensor. Autograd's version check refuses it, at backward, if any
-    node saved ``t``."""
+class _RoundFp16InPlaceSTE(_RoundFp16STE):
+    """``_RoundFp16STE`` (same backward) written back into ``t``: for a tensor the caller
+    has just made and nobody else holds (a layer's own output), it saves allocating (and
+    first touching) a new full-size float32 tensor. Autograd's version check refuses it, at
+    backward, if any node saved ``t``."""
 
     @staticmethod
     def forward(ctx, t):
         ctx.mark_dirty(t)
         return t.copy_(t.half())
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
 
 
 def round_fp16_ste_(t):

@@ -547,6 +547,7 @@ def usable_cores() -> int:
 # the sample's), a small one at most SLICE_MAX samples a slice.
 SLICE_CACHE_BYTES = 2 << 20
 SLICE_MIN, SLICE_MAX = 1, 16
+WHOLE_BATCH = 1 << 30  # a slice size no batch reaches: every batch in one run
 
 
 def slice_samples(om) -> int:
@@ -612,9 +613,9 @@ class FastEngine:
         self.chunks = builder.chunks
         self.blocked = npu and not debug
         self.lanes = 1 if debug else (lanes or threads or usable_cores())
-        self.slice = (1 << 30) if debug else slice_samples(om)  # debug: every tensor out
+        self.slice = WHOLE_BATCH if debug else slice_samples(om)  # debug: every tensor out
         if lanes is None and not slices_pay(om, self.slice):
-            self.lanes, self.slice = 1, 1 << 30  # one batch, on ``threads``
+            self.lanes, self.slice = 1, WHOLE_BATCH  # on ``threads``
         self._pool = None
         self._whole = None
         try:

@@ -35,7 +35,7 @@ import torch
 from demos.fashion_mnist import data, demo
 from dopt import runtime
 from dopt.npu.omfile import read_om
-from dopt.runtime.fast import FastEngine
+from dopt.runtime.fast import WHOLE_BATCH, FastEngine
 from dopt.formats import qdq as onnx_qdq
 from dopt.dopt_torch.opt_main import generate_final_model
 from dopt.npu import omg
@@ -169,7 +169,7 @@ def bench_model(name: str, n_images: int, threads: int, rounds: int = 7) -> dict
         for b in ("fp16", "int8"):  # each model with its threads inside one batch's run
             if sess[b]._engine.lanes > 1:
                 one = FastEngine(read_om(oms[b]), threads=threads, lanes=1)
-                one.slice = 1 << 30  # no slices: the whole batch in one run
+                one.slice = WHOLE_BATCH  # no slices: the whole batch in one run
                 fns[f"npu_{b}_one_run"] = (lambda e, n: lambda v: e.run({n: v}))(
                     one, one.sess.get_inputs()[0].name)
         ips, ratio = _throughput(fns, xs, "ort_fp32", repeats=rounds)
@@ -196,6 +196,9 @@ def main(argv=None) -> int:
                          "per-round ratios (more rounds on a noisy machine)")
     ap.add_argument("--results", default=str(OUT / "npu_runtime.json"))
     a = ap.parse_args(argv)
+    if a.rounds < 1:
+        ap.error(f"--rounds must be at least 1 (got {a.rounds}): the slowdown is a median "
+                 "over rounds")
     warnings.filterwarnings("ignore")
     rows = [bench_model(m, a.images, a.threads, a.rounds) for m in a.models]
     doc = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or 'cpu'}, "

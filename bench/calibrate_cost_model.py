@@ -68,7 +68,11 @@ PRECISIONS = ("fp16", "int8")
 def read_measurements(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
-    return [{"model": r["model"], "fp16": float(r["fp16_ms"]), "int8": float(r["int8_ms"])}
+    def ms(row, key):   # an empty cell: not measured in that precision
+        v = (row.get(key) or "").strip()
+        return float(v) if v else None
+    return [{"model": r["model"], "fp16": ms(r, "fp16_ms"), "int8": ms(r, "int8_ms"),
+             "side": int(r["input_side"]) if (r.get("input_side") or "").strip() else None}
             for r in rows]
 
 
@@ -182,6 +186,10 @@ def run(data: Path, write_profile: bool, validation: Path | None,
         sensitivity: bool = False) -> dict:
     profile = load_profile(DEFAULT_PROFILE)
     meas = read_measurements(data)
+    missing = [f"{m['model']} {p}_ms" for m in meas for p in PRECISIONS if m[p] is None]
+    if missing:
+        raise SystemExit(f"{data}: the fit needs both precisions of every network; empty: "
+                         f"{', '.join(missing)} (give such a network with --validation)")
     feats = {m["model"]: analyse(m["model"], profile) for m in meas}
     cm = profile.cost_model
     priors = cm["priors"]
@@ -277,18 +285,47 @@ def _sensitivity(name: str, f: dict, consts: dict, profile) -> dict:
     return row
 
 
-def _validate(path: Path, consts: dict, profile) -> list[dict]:
-    """Networks of another measured source (same CSV columns), predicted without refit."""
-    out = []
+def _validate(path: Path, consts: dict, profile) -> dict:
+    """Networks of another measured source (same CSV columns), predicted without refit.
+
+    An optional ``input_side`` column gives the square input size the source measured at.
+    A precision left empty in the CSV was not measured and is not scored; networks that
+    are also in the fit are marked, and the medians are given with and without them."""
+    rows = []
     for m in read_measurements(path):
-        if m["model"] not in zoo_models.ZOO:
-            out.append({"model": m["model"], "skipped": "no builder in bench/zoo_models.py"})
+        if m["model"] not in zoo_models.builders():
+            rows.append({"model": m["model"], "skipped": "no builder in bench/zoo_models.py"})
             continue
-        f = analyse(m["model"], profile)
-        out.append({"model": m["model"], **{
-            f"{p}_error_pct": round(100 * (predict(f[p], consts) / m[p] - 1), 1)
-            for p in PRECISIONS}})
-    return out
+        # the source's input size where it states one (a square side), else the builder's
+        side = m["side"] if m["side"] != zoo_models.input_shape(m["model"])[-1] else None
+        f = analyse(m["model"], profile, side=side)
+        row = {"model": m["model"], "input": f["input"], "gmacs": round(f["gmacs"], 3),
+               "in_fit": m["model"] in zoo_models.ZOO}
+        for p in PRECISIONS:
+            if m[p] is not None:
+                est = predict(f[p], consts)
+                row.update({f"{p}_measured_ms": m[p], f"{p}_estimated_ms": round(est, 3),
+                            f"{p}_error_pct": round(100 * (est / m[p] - 1), 1)})
+        rows.append(row)
+
+    def med(p, only_new):
+        vals = [abs(r[f"{p}_error_pct"]) for r in rows if f"{p}_error_pct" in r
+                and not (only_new and r["in_fit"])]
+        return round(float(np.median(vals)), 1) if vals else None
+    def rescaled(p):
+        """Median |error| once one factor for the whole source (the median ratio) is taken
+        out: how well the model orders the networks, apart from a platform offset."""
+        ratios = [1 + r[f"{p}_error_pct"] / 100 for r in rows if f"{p}_error_pct" in r]
+        if not ratios:
+            return None, None
+        k = float(np.median(ratios))
+        return round(k, 3), round(float(np.median([abs(x / k - 1) for x in ratios])) * 100, 1)
+    scaled = {p: rescaled(p) for p in PRECISIONS}
+    return {"data": path.name, "models": rows,
+            "median_abs_error_pct": {p: med(p, False) for p in PRECISIONS},
+            "median_abs_error_pct_not_in_fit": {p: med(p, True) for p in PRECISIONS},
+            "median_ratio": {p: scaled[p][0] for p in PRECISIONS},
+            "median_abs_error_pct_rescaled": {p: scaled[p][1] for p in PRECISIONS}}
 
 
 def _check_consistency(feats: dict, consts: dict, profile) -> None:
@@ -378,6 +415,41 @@ def render(result: dict) -> str:
         for r, v in variants:
             lines.append(f"| {r['model']}: {v['variant']} | {v['input']} | {v['gmacs']:.2f} | "
                          f"{pct(v['fp16_pct'])} | {pct(v['int8_pct'])} |")
+    if result.get("validation"):
+        lines += ["", render_validation(result["validation"])]
+    return "\n".join(lines)
+
+
+def render_validation(v: dict) -> str:
+    """The validation-only networks: measured, estimated (no refit), error."""
+    lines = [f"validation on {v['data']} (predicted with the fitted constants, not refitted)",
+             "", "| model | input | GMACs | also in the fit | "
+             + " | ".join(f"{p.upper()} measured ms | {p.upper()} est. ms | error"
+                          for p in PRECISIONS) + " |",
+             "|---|---|---|---|" + "---|---|---|" * len(PRECISIONS)]
+    for r in v["models"]:
+        if "skipped" in r:
+            lines.append(f"| {r['model']} | skipped: {r['skipped']} |")
+            continue
+        cells = [f"{r[f'{p}_measured_ms']:.2f} | {r[f'{p}_estimated_ms']:.2f} | "
+                 f"{r[f'{p}_error_pct']:+.0f} %" if f"{p}_error_pct" in r else "- | - | -"
+                 for p in PRECISIONS]
+        lines.append(f"| {r['model']} | {r['input']} | {r['gmacs']:.2f} | "
+                     f"{'yes' if r['in_fit'] else 'no'} | " + " | ".join(cells) + " |")
+
+    def fmt(x):
+        return "-" if x is None else f"{x:.1f} %"
+    lines.append("")
+    for key, label in (("median_abs_error_pct", "all"),
+                       ("median_abs_error_pct_not_in_fit", "not in the fit"),
+                       ("median_abs_error_pct_rescaled",
+                        "all, after dividing by the median estimate/measurement ratio")):
+        lines.append(f"median abs error, {label}: " + ", ".join(
+            f"{p.upper()} {fmt(v.get(key, {}).get(p))}" for p in PRECISIONS))
+    ratios = v.get("median_ratio", {})
+    lines.append("median estimate/measurement ratio: " + ", ".join(
+        f"{p.upper()} {'-' if ratios.get(p) is None else f'{ratios[p]:.2f}'}"
+        for p in PRECISIONS))
     return "\n".join(lines)
 
 

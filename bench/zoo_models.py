@@ -469,9 +469,57 @@ VARIANTS = {
 }
 
 
+
+# --- validation-only networks (bench/data/kirin990_5g_paddle_lite.csv) -----------------------
+
+def mobilenet_v1():
+    """MobileNet v1 1.0 of arXiv:1704.04861: 13 depthwise-separable layers, 224x224."""
+    layers, cin = [cbr(3, 32, 3, 2)], 32
+    for cout, s in ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1),
+                    (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1)):
+        layers += [cbr(cin, cin, 3, s, g=cin), cbr(cin, cout, 1)]
+        cin = cout
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1024, 1000))
+
+
+def mobilenet_v2():
+    """MobileNet v2 1.0 of arXiv:1801.04381 (the zoo's inverted-residual blocks), 224x224."""
+    return nn.Sequential(*mobilenet_v2_blocks(), cbr(320, 1280, 1, act="relu6"),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1280, 1000))
+
+
+def _torchvision(name: str):
+    """A torchvision architecture with random weights (its published layer list)."""
+    def build():
+        from .compat_models import torchvision_models_module
+        return torchvision_models_module().get_model(name, weights=None)
+    build.__doc__ = f"torchvision.models.{name}"
+    return build
+
+
+# name -> (builder, input shape, description): the networks of the validation-only data,
+# predicted with the constants fitted on ZOO and never fitted themselves. The three that
+# are also zoo networks reuse the zoo builders.
+VALIDATION = {
+    "MobileNetV1": (mobilenet_v1, (1, 3, 224, 224), "MobileNet v1 1.0"),
+    "MobileNetV2": (mobilenet_v2, (1, 3, 224, 224), "MobileNet v2 1.0"),
+    "MobileNetV3_small": (_torchvision("mobilenet_v3_small"), (1, 3, 224, 224),
+                          "torchvision mobilenet_v3_small"),
+    "MobileNetV3_large": (_torchvision("mobilenet_v3_large"), (1, 3, 224, 224),
+                          "torchvision mobilenet_v3_large"),
+    "ResNet50": (_torchvision("resnet50"), (1, 3, 224, 224), "torchvision resnet50"),
+    "MnasNet": (_torchvision("mnasnet1_0"), (1, 3, 224, 224),
+                "torchvision mnasnet1_0 (MnasNet-B1)"),
+}
+
+
+def builders() -> dict:
+    """Every network this module can export: the zoo and the validation-only ones."""
+    return {**ZOO, **VALIDATION}
+
 def input_shape(name: str, side: int | None = None) -> tuple:
     """The documented input shape, or the same with a square ``side`` x ``side`` image."""
-    shape = ZOO[name][1]
+    shape = builders()[name][1]
     return shape if side is None else shape[:2] + (side, side)
 
 
@@ -482,7 +530,7 @@ def export(name: str, out: Path = OUT, side: int | None = None) -> Path:
     (``<name>_<side>.onnx``), for what-if estimates.
     """
     path = out / (f"{name}.onnx" if side is None else f"{name}_{side}.onnx")
-    return _export(ZOO[name][0], input_shape(name, side), path)
+    return _export(builders()[name][0], input_shape(name, side), path)
 
 
 def export_variant(name: str, index: int, out: Path = OUT) -> Path:

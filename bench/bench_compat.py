@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dopt.formats.fileio import atomic_path
 from dopt.quant.numerics import FP16_DRIFT_TOLERANCE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,6 +158,12 @@ def run_one(kind: str, name: str, timeout: int) -> dict:
                       {"model": name, "kind": kind})
 
 
+def _write_json(path: Path, doc: dict) -> None:
+    """Write ``doc`` through a temporary file: an interrupted run keeps the last results."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(doc, indent=1))
+
+
 def merge_rerun(path: Path, result: dict, key) -> dict:
     """The last full result in ``path`` with the rows of ``result`` (a re-run of some
     networks) in place of theirs, and the re-run recorded under ``updates``."""
@@ -242,12 +249,12 @@ def main(argv=None) -> int:
               "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
               "rows": rows}
     if not a.models and not a.only:
-        RESULTS.write_text(json.dumps(result, indent=1))
+        _write_json(RESULTS, result)
         write_doc(result)
     elif a.models and RESULTS.is_file():
         # a re-run of some networks replaces their rows in the last full result and says so
         full = merge_rerun(RESULTS, result, lambda r: (r.get("kind"), r["model"]))
-        RESULTS.write_text(json.dumps(full, indent=1))
+        _write_json(RESULTS, full)
         write_doc(full)
     print(table(rows))
     return 0

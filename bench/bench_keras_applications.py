@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from dopt.formats.fileio import atomic_path
 
 OUT = Path(__file__).resolve().parent / "results"
 SIZES = {"MobileNetV2": 224, "ResNet50": 224, "InceptionV3": 299}
@@ -118,7 +119,8 @@ def main(argv=None) -> int:
            "command": "python -m bench.bench_keras_applications " + " ".join(argv or sys.argv[1:]),
            "results": rows}
     OUT.mkdir(exist_ok=True)
-    (OUT / "keras_applications.json").write_text(json.dumps(doc, indent=1))
+    with atomic_path(OUT / "keras_applications.json") as tmp:
+        tmp.write_text(json.dumps(doc, indent=1))
     print(table(rows))
     return 0
 

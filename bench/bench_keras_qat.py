@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from dopt.formats.fileio import atomic_path
 
 from demos.fashion_mnist import data
 from demos.keras_fashion_mnist import models, qat
@@ -193,7 +194,8 @@ def main(argv=None):
            "command": "python -m bench.bench_keras_qat " + " ".join(argv or sys.argv[1:]),
            "results": rows}
     OUT.mkdir(exist_ok=True)
-    (OUT / "keras_qat.json").write_text(json.dumps(doc, indent=1))
+    with atomic_path(OUT / "keras_qat.json") as tmp:
+        tmp.write_text(json.dumps(doc, indent=1))
     print(table(rows))
     return 0
 

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from dopt.formats.fileio import atomic_path
 
 RESULTS = Path(__file__).parent / "results" / "llm.json"
 
@@ -194,7 +195,8 @@ def main(argv=None) -> int:
         results["rows"].append(row)
         log(f"{name:28s} g{group or '-':>4} " + "  ".join(f"{k} {v:.3f}" for k, v in ppl.items()))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1))
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(json.dumps(results, indent=1))
 
     if "float" in methods:
         add("float", None, ppl_pair(model, streams, args.context))

@@ -586,8 +586,10 @@ def load_results(path: Path) -> dict:
 
 
 def save_results(path: Path, res: dict):
+    from dopt.formats.fileio import atomic_path
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(res, indent=1, default=str) + "\n")
+    with atomic_path(path) as tmp:   # an interrupted save keeps the last results
+        tmp.write_text(json.dumps(res, indent=1, default=str) + "\n")
 
 
 def main_bench(args):

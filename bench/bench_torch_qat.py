@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from dopt.formats.fileio import atomic_path
 
 from demos.fashion_mnist import data, demo, models
 from dopt_adapters.torch.distill import DistillationLoss
@@ -233,7 +234,8 @@ def main(argv=None):
     OUT.mkdir(exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
             "cpus": torch.get_num_threads(), "torch": torch.__version__}
-    (OUT / a.results).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    with atomic_path(OUT / a.results) as tmp:
+        tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     if a.step_time_only:
         for r in rows:
             print(f"{r['model']}: float step {r['float_step_s'] * 1e3:.1f} ms, QAT step "

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import least_squares
 
+from dopt.formats.fileio import atomic_path
 from dopt.npu.costmodel import estimate
 from dopt.npu.lower import lower_onnx
 from dopt.npu.precheck import precheck
@@ -252,7 +253,8 @@ def run(data: Path, write_profile: bool, validation: Path | None,
                               for m in meas] if sensitivity else [],
               "validation": _validate(validation, consts, profile) if validation else None}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    with atomic_path(RESULTS) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(render(result))
     if write_profile:
         path = write_constants(fitted, band, result)

@@ -67,14 +67,33 @@ PRECISIONS = ("fp16", "int8")
 
 
 def read_measurements(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
-    def ms(row, key):   # an empty cell: not measured in that precision
+    """Rows of a latency CSV (``#`` lines are comments): model, fp16_ms, int8_ms and an
+    optional input_side. An empty time is a precision that was not measured."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+    except OSError as e:
+        raise SystemExit(f"{path}: cannot read the latency file ({e.strerror})") from None
+    missing = {"model", "fp16_ms", "int8_ms"} - set(rows[0] if rows else ())
+    if missing:
+        raise SystemExit(f"{path}: the header needs the columns model, fp16_ms, int8_ms "
+                         f"(missing: {', '.join(sorted(missing))})")
+
+    def cell(i, row, key, kind):
         v = (row.get(key) or "").strip()
-        return float(v) if v else None
-    return [{"model": r["model"], "fp16": ms(r, "fp16_ms"), "int8": ms(r, "int8_ms"),
-             "side": int(r["input_side"]) if (r.get("input_side") or "").strip() else None}
-            for r in rows]
+        if not v:
+            return None
+        try:
+            x = kind(v)
+        except ValueError:
+            x = None
+        if x is None or not x > 0 or not math.isfinite(x):
+            raise SystemExit(f"{path}: data row {i} ({row.get('model')}), column {key}: "
+                             f"expected a positive number, got {v!r}")
+        return x
+    return [{"model": r["model"], "fp16": cell(i, r, "fp16_ms", float),
+             "int8": cell(i, r, "int8_ms", float), "side": cell(i, r, "input_side", int)}
+            for i, r in enumerate(rows, 1)]
 
 
 # -- features: what the estimate depends on, per NPU kernel ------------------------------------

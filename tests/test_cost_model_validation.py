@@ -41,6 +41,23 @@ def test_fit_data_with_an_empty_precision_is_refused(tmp_path):
     assert "ResNet18 int8_ms" in str(e.value) and "--validation" in str(e.value)
 
 
+@pytest.mark.parametrize("header, row, words", [
+    ("model,fp16_ms,int8_ms", "ResNet18,fast,1.2", ["data row 1 (ResNet18)", "fp16_ms",
+                                                     "'fast'"]),
+    ("model,fp16_ms,int8_ms", "ResNet18,2.6,-1", ["int8_ms", "positive"]),
+    ("model,fp16_ms,int8_ms,input_side", "ResNet18,2.6,1.2,22.5", ["input_side"]),
+    ("model,fp16", "ResNet18,2.6", ["missing: fp16_ms, int8_ms"]),
+])
+def test_a_bad_latency_file_names_the_row_and_column(tmp_path, header, row, words):
+    path = tmp_path / "lat.csv"
+    path.write_text(f"# a comment\n{header}\n{row}\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        cal.read_measurements(path)
+    assert str(path) in str(e.value)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
 def test_validation_table_scores_only_what_was_measured():
     v = {"data": "x.csv", "models": [
         {"model": "A", "input": "3x224x224", "gmacs": 0.5, "in_fit": False,

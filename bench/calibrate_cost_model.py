@@ -333,6 +333,7 @@ def _validate(path: Path, consts: dict, profile) -> dict:
         vals = [abs(r[f"{p}_error_pct"]) for r in rows if f"{p}_error_pct" in r
                 and not (only_new and r["in_fit"])]
         return round(float(np.median(vals)), 1) if vals else None
+
     def rescaled(p):
         """Median |error| once one factor for the whole source (the median ratio) is taken
         out: how well the model orders the networks, apart from a platform offset."""

@@ -1,4 +1,5 @@
-"""The eleven model-zoo architectures, rebuilt in torch and exported to ONNX for the cost model.
+"""The eleven model-zoo architectures, rebuilt in torch and exported to ONNX for the cost model
+(and, in ``VALIDATION``, the networks of the validation-only data, never fitted).
 
 The reference measured these networks on a Kirin 9000 NPU but ships neither the models nor
 their input sizes ("adjusted for NPU affinity"), so each is rebuilt from its paper with a
@@ -469,7 +470,6 @@ VARIANTS = {
 }
 
 
-
 # --- validation-only networks (bench/data/kirin990_5g_paddle_lite.csv) -----------------------
 
 def mobilenet_v1():
@@ -516,6 +516,7 @@ VALIDATION = {
 def builders() -> dict:
     """Every network this module can export: the zoo and the validation-only ones."""
     return {**ZOO, **VALIDATION}
+
 
 def input_shape(name: str, side: int | None = None) -> tuple:
     """The documented input shape, or the same with a square ``side`` x ``side`` image."""

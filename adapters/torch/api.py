@@ -118,10 +118,12 @@ def _install_fp16_ops(model: nn.Module, edges) -> None:
 
     model.register_forward_pre_hook(enter, with_kwargs=True)
     model.register_forward_hook(leave, always_call=True)
+    # the pauses matter only while the mode is on (eval): registered with the float
+    # layers' eval-mode hooks, only when one of them may act (``npu_edges.EvalHooks``)
     for m in model.modules():
         if isinstance(m, (_QuantLayer, NpuFp16Conv2d, nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
-            m.register_forward_pre_hook(pause)
-            m.register_forward_hook(resume, always_call=True)
+            edges.hooks.add(m, pause, pre=True)
+            edges.hooks.add(m, resume, always_call=True)
 
 
 def _clamps_out_of_place(model: nn.Module) -> None:

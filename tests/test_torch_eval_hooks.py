@@ -101,3 +101,22 @@ def test_a_deep_copy_has_its_own_hooks(tmp_path):
     q.eval()
     with torch.no_grad():
         assert torch.equal(q(x(seed=2)), out)
+
+
+def test_a_deep_copy_made_while_the_hooks_are_registered_removes_its_own(tmp_path):
+    q, _ = calibrated(tmp_path)
+    q.eval()
+    with torch.no_grad():
+        q(x())
+    n = hooked(q)
+    c = copy.deepcopy(q)
+    assert hooked(c) == n
+    c.train()
+    c(x())
+    assert hooked(c) == 0 and hooked(q) == n
+    q.train()
+    q(x())
+    c.eval()
+    with torch.no_grad():
+        c(x())
+    assert hooked(q) == 0 and hooked(c) == n

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dopt.formats.fileio import atomic_path
+from dopt.formats.fileio import write_json_atomic
 from dopt.quant.numerics import FP16_DRIFT_TOLERANCE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,12 +158,6 @@ def run_one(kind: str, name: str, timeout: int) -> dict:
                       {"model": name, "kind": kind})
 
 
-def _write_json(path: Path, doc: dict) -> None:
-    """Write ``doc`` through a temporary file: an interrupted run keeps the last results."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(doc, indent=1))
-
-
 def merge_rerun(path: Path, result: dict, key) -> dict:
     """The last full result in ``path`` with the rows of ``result`` (a re-run of some
     networks) in place of theirs, and the re-run recorded under ``updates``."""
@@ -249,12 +243,12 @@ def main(argv=None) -> int:
               "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
               "rows": rows}
     if not a.models and not a.only:
-        _write_json(RESULTS, result)
+        write_json_atomic(RESULTS, result, indent=1)
         write_doc(result)
     elif a.models and RESULTS.is_file():
         # a re-run of some networks replaces their rows in the last full result and says so
         full = merge_rerun(RESULTS, result, lambda r: (r.get("kind"), r["model"]))
-        _write_json(RESULTS, full)
+        write_json_atomic(RESULTS, full, indent=1)
         write_doc(full)
     print(table(rows))
     return 0

@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from dopt.formats.fileio import atomic_path
+
+from dopt.formats.fileio import write_json_atomic
 
 OUT = Path(__file__).resolve().parent / "results"
 SIZES = {"MobileNetV2": 224, "ResNet50": 224, "InceptionV3": 299}
@@ -119,8 +120,7 @@ def main(argv=None) -> int:
            "command": "python -m bench.bench_keras_applications " + " ".join(argv or sys.argv[1:]),
            "results": rows}
     OUT.mkdir(exist_ok=True)
-    with atomic_path(OUT / "keras_applications.json") as tmp:
-        tmp.write_text(json.dumps(doc, indent=1))
+    write_json_atomic(OUT / "keras_applications.json", doc, indent=1)
     print(table(rows))
     return 0
 

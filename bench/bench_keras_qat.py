@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from dopt.formats.fileio import atomic_path
 
 from demos.fashion_mnist import data
 from demos.keras_fashion_mnist import models, qat
+from dopt.formats.fileio import write_json_atomic
 
 OUT = Path(__file__).resolve().parent / "results"
 WEIGHTS = Path(__file__).resolve().parents[1] / "demos" / "fashion_mnist" / "weights"
@@ -194,8 +194,7 @@ def main(argv=None):
            "command": "python -m bench.bench_keras_qat " + " ".join(argv or sys.argv[1:]),
            "results": rows}
     OUT.mkdir(exist_ok=True)
-    with atomic_path(OUT / "keras_qat.json") as tmp:
-        tmp.write_text(json.dumps(doc, indent=1))
+    write_json_atomic(OUT / "keras_qat.json", doc, indent=1)
     print(table(rows))
     return 0
 

@@ -30,7 +30,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from dopt.formats.fileio import atomic_path
+
+from dopt.formats.fileio import write_json_atomic
 
 RESULTS = Path(__file__).parent / "results" / "llm.json"
 
@@ -87,7 +88,6 @@ def write_yaml(path: Path, cfg: dict) -> None:
 
 def dopt_config_for(model, path: Path, group: int, with_embedding: bool) -> None:
     from dopt.dopt_llm.config import default_dopt_config
-    from dopt.formats.fileio import write_json_atomic
     from dopt_adapters.llm.model_opt import quantizable_layers
     layers, _ = quantizable_layers(model)
     if not with_embedding:
@@ -195,8 +195,7 @@ def main(argv=None) -> int:
         results["rows"].append(row)
         log(f"{name:28s} g{group or '-':>4} " + "  ".join(f"{k} {v:.3f}" for k, v in ppl.items()))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(args.out) as tmp:
-            tmp.write_text(json.dumps(results, indent=1))
+        write_json_atomic(args.out, results, indent=1)
 
     if "float" in methods:
         add("float", None, ppl_pair(model, streams, args.context))

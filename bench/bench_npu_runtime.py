@@ -21,7 +21,6 @@ bench/results/npu_runtime.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import torch
 
 from demos.fashion_mnist import data, demo
 from dopt import runtime
-from dopt.formats.fileio import atomic_path
+from dopt.formats.fileio import write_json_atomic
 from dopt.npu.omfile import read_om
 from dopt.runtime.fast import WHOLE_BATCH, FastEngine
 from dopt.formats import qdq as onnx_qdq
@@ -207,8 +206,7 @@ def main(argv=None) -> int:
            "command": "python -m bench.bench_npu_runtime "
            + " ".join(sys.argv[1:] if argv is None else argv), "rows": rows}
     Path(a.results).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(a.results) as tmp:
-        tmp.write_text(json.dumps(doc, indent=1))
+    write_json_atomic(a.results, doc, indent=1)
     print("\n| model | INT8/FP16 .om size | INT8 agreement w/ fake-quant | FP16 agreement w/ float "
           "| ORT FP32 img/s | NPU FP16 img/s (slowdown) | NPU INT8 img/s (slowdown) "
           "| one batch per run: FP16 / INT8 slowdown |")

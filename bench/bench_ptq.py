@@ -586,10 +586,9 @@ def load_results(path: Path) -> dict:
 
 
 def save_results(path: Path, res: dict):
-    from dopt.formats.fileio import atomic_path
+    from dopt.formats.fileio import write_json_atomic
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:   # an interrupted save keeps the last results
-        tmp.write_text(json.dumps(res, indent=1, default=str) + "\n")
+    write_json_atomic(path, res, indent=1, default=str)  # an interrupted save keeps the old
 
 
 def main_bench(args):

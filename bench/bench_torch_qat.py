@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from dopt.formats.fileio import atomic_path
 
 from demos.fashion_mnist import data, demo, models
+from dopt.formats.fileio import write_json_atomic
 from dopt_adapters.torch.distill import DistillationLoss
 from dopt.dopt_torch.opt_main import (freeze_bn_stats, generate_config_file, generate_final_model,
                                       optimize_model, set_calibrate_state)
@@ -234,8 +234,7 @@ def main(argv=None):
     OUT.mkdir(exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
             "cpus": torch.get_num_threads(), "torch": torch.__version__}
-    with atomic_path(OUT / a.results) as tmp:
-        tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_json_atomic(OUT / a.results, {"meta": meta, "rows": rows})
     if a.step_time_only:
         for r in rows:
             print(f"{r['model']}: float step {r['float_step_s'] * 1e3:.1f} ms, QAT step "

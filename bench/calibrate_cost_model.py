@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import least_squares
 
-from dopt.formats.fileio import atomic_path
+from dopt.formats.fileio import write_json_atomic
 from dopt.npu.costmodel import estimate
 from dopt.npu.lower import lower_onnx
 from dopt.npu.precheck import precheck
@@ -272,8 +272,7 @@ def run(data: Path, write_profile: bool, validation: Path | None,
                               for m in meas] if sensitivity else [],
               "validation": _validate(validation, consts, profile) if validation else None}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(RESULTS) as tmp:
-        tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(RESULTS, result)
     print(render(result))
     if write_profile:
         path = write_constants(fitted, band, result)

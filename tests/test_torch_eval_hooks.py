@@ -23,19 +23,22 @@ def x(n=4, seed=0):
     return torch.randn(n, 20, 16, 16, generator=torch.Generator().manual_seed(seed))
 
 
+def run_eval(model, seed=0):
+    """One forward of ``model`` in eval mode, without gradients."""
+    model.eval()
+    with torch.no_grad():
+        return model(x(seed=seed))
+
+
 def test_training_forward_runs_without_the_eval_hooks(tmp_path):
     q, _ = calibrated(tmp_path)
-    q.eval()
-    with torch.no_grad():
-        q(x())
+    run_eval(q)
     n_eval = hooked(q)
     assert n_eval > 10
     q.train()
     q(x()).sum().backward()
     assert hooked(q) == 0
-    q.eval()
-    with torch.no_grad():
-        q(x())
+    run_eval(q)
     assert hooked(q) == n_eval
 
 
@@ -43,21 +46,17 @@ def test_eval_output_after_a_training_forward_is_the_emulated_one(tmp_path):
     """A model whose last forward was a training one (hooks removed) gives, in eval, the
     output of one that only ever ran in eval; with npu_numerics(False) the plain one."""
     q, _ = calibrated(tmp_path)
-    q.eval()
-    with torch.no_grad():
-        expected = q(x(seed=1))
+    expected = run_eval(q, seed=1)
     r, _ = calibrated(tmp_path)
     r.train()
     with torch.no_grad():
         r(x())
     assert hooked(r) == 0
     r.load_state_dict(q.state_dict())
-    r.eval()
-    with torch.no_grad():
-        assert torch.equal(r(x(seed=1)), expected)
-        with npu_numerics(False):
-            plain = r(x(seed=1))
-            assert hooked(r) == 0
+    assert torch.equal(run_eval(r, seed=1), expected)
+    with npu_numerics(False):
+        plain = run_eval(r, seed=1)
+        assert hooked(r) == 0
     assert not torch.equal(plain, expected)
 
 
@@ -94,20 +93,14 @@ def test_a_deep_copy_has_its_own_hooks(tmp_path):
     q.train()
     q(x())
     c = copy.deepcopy(q)
-    c.eval()
-    with torch.no_grad():
-        out = c(x(seed=2))
+    out = run_eval(c, seed=2)
     assert hooked(c) > 0 and hooked(q) == 0    # the copy's own modules, not the original's
-    q.eval()
-    with torch.no_grad():
-        assert torch.equal(q(x(seed=2)), out)
+    assert torch.equal(run_eval(q, seed=2), out)
 
 
 def test_a_deep_copy_made_while_the_hooks_are_registered_removes_its_own(tmp_path):
     q, _ = calibrated(tmp_path)
-    q.eval()
-    with torch.no_grad():
-        q(x())
+    run_eval(q)
     n = hooked(q)
     c = copy.deepcopy(q)
     assert hooked(c) == n
@@ -116,7 +109,5 @@ def test_a_deep_copy_made_while_the_hooks_are_registered_removes_its_own(tmp_pat
     assert hooked(c) == 0 and hooked(q) == n
     q.train()
     q(x())
-    c.eval()
-    with torch.no_grad():
-        c(x())
+    run_eval(c)
     assert hooked(q) == 0 and hooked(c) == n

@@ -39,10 +39,6 @@ class EvalHooks:
         self._specs.append((module, hook, pre, kwargs))
         self._modules = None
 
-    @property
-    def installed(self) -> bool:
-        return bool(self._handles)
-
     def modules(self) -> list:
         if self._modules is None:
             seen = {}

@@ -68,9 +68,12 @@ def atomic_paths(*dests) -> Iterator[tuple[Path, ...]]:
         # the renames happen as the stack unwinds; all files exist by now
 
 
-def write_json_atomic(dest: str | os.PathLike, obj) -> None:
+def write_json_atomic(dest: str | os.PathLike, obj, **json_options) -> None:
+    """``obj`` as UTF-8 JSON through a temporary file (``atomic_path``); ``json_options``
+    go to ``json.dumps`` over the defaults (indent 2, non-ASCII kept)."""
+    text = json.dumps(obj, **{"indent": 2, "ensure_ascii": False, **json_options})
     with atomic_path(dest) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.write_text(text + "\n", encoding="utf-8")
 
 
 @contextlib.contextmanager

@@ -15,6 +15,8 @@ import torch
 
 from dopt.quant import numerics as nm
 
+from . import fused_kernels
+
 QMIN, QMAX = float(nm.ACT_QMIN), float(nm.ACT_QMAX)
 LEVELS = float(nm.ACT_LEVELS)
 
@@ -39,12 +41,28 @@ def inside_bounds(s: float, o: float) -> tuple[float, float]:
     return (QMIN - o - 0.5) * s, (QMAX - o + 0.5) * s
 
 
+def _act_forward(x, s: float, o: float):
+    """``_quant_dequant`` in one fused pass where the fused kernels apply (bit-identical)."""
+    out = fused_kernels.quant_dequant(x, s, QMIN - o, QMAX - o)
+    return _quant_dequant(x, s, o) if out is None else out
+
+
+def _mask_and_sums(g, x, out, a: float, b: float):
+    """``(gx, <g, out>, <gx, x>, sum g, sum gx)``: the straight-through input gradient and
+    the four sums of the range gradients, fused in one pass where the kernels apply."""
+    r = fused_kernels.mask_and_sums(g, x, out, a, b)
+    if r is not None:
+        return r
+    gx = torch.ops.aten.hardtanh_backward(g, x, a, b)
+    return gx, _dot(g, out), _dot(gx, x), float(g.sum()), float(gx.sum())
+
+
 class _FakeQuantAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lo, hi):
         lo_f, hi_f = float(lo), float(hi)
         s, o = activation_qparams_float(lo_f, hi_f)
-        out = _quant_dequant(x, s, o)
+        out = _act_forward(x, s, o)
         # the output is the next layer's input, kept alive by it anyway: saving it is free
         ctx.save_for_backward(x, out)
         ctx.q = (lo_f, hi_f, s, o)
@@ -57,10 +75,10 @@ class _FakeQuantAct(torch.autograd.Function):
         # LSQ, per element: dx~/dx = [inside]; dx~/ds = rint(x/s) - x/s = (x~ - x)/s inside and
         # (q_clamped - o) = x~/s outside; dx~/do = -s outside. Summed against g:
         #   s * dL/ds = <g, x~> - <g_x, x>,   dL/do = -s * (sum g - sum g_x)
-        # the straight-through mask from x itself, in ATen's one-pass clamp backward
-        gx = torch.ops.aten.hardtanh_backward(g, x, *inside_bounds(s, o))
-        gs = (_dot(g, out) - _dot(gx, x)) / s
-        go = -s * (float(g.sum()) - float(gx.sum()))
+        # the straight-through mask from x itself, as ATen's clamp backward draws it
+        gx, g_out, gx_x, g_sum, gx_sum = _mask_and_sums(g, x, out, *inside_bounds(s, o))
+        gs = (g_out - gx_x) / s
+        go = -s * (g_sum - gx_sum)
         # chain to lo/hi: s = (hi' - lo') / 255, o = clamp(rint(-128 - lo'/s)) with a
         # straight-through rint; lo' = min(lo, 0), hi' = max(hi, 0)
         lo_c = min(lo, 0.0)

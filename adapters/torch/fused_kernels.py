@@ -1,0 +1,157 @@
+"""One-pass CPU kernels for the activation fake-quant of QAT, compiled with Numba.
+
+Eager PyTorch runs the activation fake-quant as four passes over the tensor forward (divide,
+round, clamp, multiply) and five backward (the straight-through mask, two dot products, two
+sums). At training batch sizes those passes over memory are a large share of what QAT costs
+over float training. These kernels do each direction in one pass.
+
+Exactness: the forward is the eager path's float32 division, round-half-to-even (``rint``),
+clamp and multiply, element by element, so its output is bit-identical (NaN passes through
+as ``torch.clamp`` lets it). The mask is the test ATen's ``hardtanh_backward`` makes
+(``a < x < b`` passes the gradient; anything else, NaN included, gives 0), so the input
+gradient is bit-identical too. Only the four sums behind the range gradients are added in
+another order: in float32 within blocks of ``BLOCK`` elements, the blocks in float64.
+
+Used for dense float32 CPU tensors of at least ``MIN_NUMEL`` elements when Numba imports and
+compiles; anything else (CUDA, other dtypes, odd strides, small tensors, no Numba, or
+``DOPT_TORCH_FUSED=0``) returns None and the caller runs its eager code. Numba's threads
+follow ``torch.get_num_threads()``.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import torch
+
+BLOCK = 4096
+MIN_NUMEL = 16384
+ENV = "DOPT_TORCH_FUSED"
+
+_kernels = None  # (numba module, forward kernel, backward kernel) once compiled; False if not
+
+
+def _compile():
+    import numba
+    from numba import njit, prange
+
+    @njit(parallel=True, cache=True, boundscheck=False)  # IEEE arithmetic: no fastmath
+    def fq_forward(x, out, s, qlo, qhi):
+        for i in prange(x.shape[0]):
+            v = np.rint(x[i] / s)
+            if v < qlo:
+                v = qlo
+            elif v > qhi:
+                v = qhi
+            out[i] = v * s
+
+    # reassociation only reorders the sums; the select and the stores stay exact
+    @njit(cache=True, boundscheck=False, fastmath={"reassoc", "contract"})
+    def block_backward(g, x, out, gx, a, b):
+        # over whole (sliced) arrays: a loop from a start offset does not vectorize
+        zero = np.float32(0.0)
+        s_gout = zero
+        s_gxx = zero
+        s_g = zero
+        s_gx = zero
+        for i in range(x.shape[0]):
+            gi = g[i]
+            xi = x[i]
+            gxi = gi if (xi > a and xi < b) else zero
+            gx[i] = gxi
+            s_gout += gi * out[i]
+            s_gxx += gxi * xi
+            s_g += gi
+            s_gx += gxi
+        return s_gout, s_gxx, s_g, s_gx
+
+    @njit(parallel=True, cache=True, boundscheck=False)
+    def fq_backward(g, x, out, gx, a, b, partial):
+        n = x.shape[0]
+        for k in prange(partial.shape[0]):
+            i, j = k * BLOCK, min(k * BLOCK + BLOCK, n)
+            r = block_backward(g[i:j], x[i:j], out[i:j], gx[i:j], a, b)
+            partial[k, 0] = r[0]
+            partial[k, 1] = r[1]
+            partial[k, 2] = r[2]
+            partial[k, 3] = r[3]
+
+    return numba, fq_forward, fq_backward
+
+
+def _get():
+    """The compiled kernels, or None where they cannot be used (checked once)."""
+    global _kernels
+    if _kernels is None:
+        _kernels = False
+        if os.environ.get(ENV, "1") != "0":
+            try:
+                numba, fwd, bwd = _compile()
+                # compile (or load from Numba's cache) now, on a tiny input, so that a failure
+                # falls back here rather than in the middle of a training step
+                x = np.zeros(8, np.float32)
+                fwd(x, np.empty_like(x), np.float32(1), np.float32(-1), np.float32(1))
+                bwd(x, x, x, np.empty_like(x), np.float32(-1), np.float32(1),
+                    np.empty((1, 4), np.float32))
+                _kernels = (numba, fwd, bwd)
+            except ImportError:
+                pass
+            except Exception as e:  # noqa: BLE001 - any compile failure: run the eager path
+                warnings.warn(f"dopt: the fused QAT kernels did not compile ({e}); QAT runs "
+                              f"its eager PyTorch path (set {ENV}=0 to skip the attempt)",
+                              stacklevel=3)
+    return _kernels or None
+
+
+def _flat(t):
+    """``t`` (detached) as a 1-D numpy view of its storage when it is dense, else None."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t.detach().as_strided((t.numel(),), (1,)).numpy()
+    return None
+
+
+def _usable(t, *others) -> bool:
+    """Float32 CPU tensors of at least MIN_NUMEL elements, all of one shape and strides."""
+    if t.dtype is not torch.float32 or not t.is_cpu or t.numel() < MIN_NUMEL:
+        return False
+    for u in others:
+        if u.dtype is not torch.float32 or not u.is_cpu or u.stride() != t.stride() \
+                or u.shape != t.shape:
+            return False
+    return True
+
+
+def _threads(numba) -> None:
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def quant_dequant(x, s: float, qlo: float, qhi: float):
+    """``clamp(rint(x / s), qlo, qhi) * s`` in one pass, or None (use the eager path)."""
+    if not _usable(x):
+        return None
+    k = _get()
+    xf = _flat(x) if k else None
+    if xf is None:
+        return None
+    out = torch.empty_like(x)
+    _threads(k[0])
+    k[1](xf, _flat(out), np.float32(s), np.float32(qlo), np.float32(qhi))
+    return out
+
+
+def mask_and_sums(g, x, out, a: float, b: float):
+    """``(gx, <g, out>, <gx, x>, sum g, sum gx)`` with ``gx = g`` where ``a < x < b`` and 0
+    elsewhere, in one pass; or None (use the eager path)."""
+    if not _usable(x, g, out):
+        return None
+    k = _get()
+    flats = [_flat(t) for t in (g, x, out)] if k else [None]
+    if any(f is None for f in flats):
+        return None
+    gx = torch.empty_like(x)
+    partial = np.empty(((x.numel() + BLOCK - 1) // BLOCK, 4), np.float32)
+    _threads(k[0])
+    k[2](*flats, _flat(gx), np.float32(a), np.float32(b), partial)
+    sums = partial.sum(axis=0, dtype=np.float64)
+    return (gx, *(float(v) for v in sums))

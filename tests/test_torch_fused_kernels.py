@@ -1,0 +1,135 @@
+"""The one-pass activation fake-quant kernels (fused_kernels) against the eager path: the
+forward output and the input gradient bit for bit, the range gradients to float rounding,
+and the cases they leave to the eager path."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("numba")
+
+from dopt.quant import numerics as nm  # noqa: E402
+from dopt_adapters.torch import fake_quant as fq  # noqa: E402
+from dopt_adapters.torch import fused_kernels as fk  # noqa: E402
+
+
+@pytest.fixture
+def eager(monkeypatch):
+    """Switch the kernels off for the test's duration (as DOPT_TORCH_FUSED=0 does)."""
+    def off():
+        monkeypatch.setattr(fk, "_kernels", False)
+    return off
+
+
+def awkward(shape, s, o, seed=0, channels_last=False):
+    """Random values with exact ties (half steps), both clamp ends, -0, inf and NaN."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 2
+    flat = x.view(-1)
+    flat[:600] = (torch.arange(600) - 300).float() * s * 0.5
+    flat[600:610] = (fq.QMAX - o + 0.5) * s  # the upper clamp's tie
+    flat[610:620] = (fq.QMIN - o - 0.5) * s
+    flat[620:623] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    flat[623] = -0.0
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+CASES = [((64, 24, 14, 14), 0.0123, 3.0), ((8, 16, 33, 31), 0.5, -128.0),
+         ((4, 64, 28, 28), 1e-3, 127.0)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape,s,o", CASES)
+def test_forward_is_bit_identical_to_the_eager_path(shape, s, o, channels_last):
+    x = awkward(shape, s, o, channels_last=channels_last)
+    ref = fq._quant_dequant(x, s, o)
+    got = fk.quant_dequant(x, s, fq.QMIN - o, fq.QMAX - o)
+    assert got is not None and got.stride() == ref.stride()
+    assert torch.equal(torch.isnan(got), torch.isnan(ref))
+    ok = ~torch.isnan(ref)
+    assert torch.equal(got[ok], ref[ok])
+    assert torch.equal(torch.signbit(got[ok]), torch.signbit(ref[ok]))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape,s,o", CASES)
+def test_backward_mask_is_bit_identical_and_sums_match(shape, s, o, channels_last):
+    x = awkward(shape, s, o, channels_last=channels_last)
+    out = fq._quant_dequant(x, s, o)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    a, b = fq.inside_bounds(s, o)
+    gx, _, _, g_sum, gx_sum = fk.mask_and_sums(g, x, out, a, b)
+    assert torch.equal(gx, torch.ops.aten.hardtanh_backward(g, x, a, b))  # NaN x gives 0
+    assert g_sum == pytest.approx(float(g.double().sum()), rel=1e-5, abs=1e-3)
+    assert gx_sum == pytest.approx(float(gx.double().sum()), rel=1e-5, abs=1e-3)
+    # the dot products, on finite inputs (x above holds inf and NaN), against float64
+    fin = torch.isfinite(x)
+    xf = torch.where(fin, x, torch.zeros(()))
+    outf = fq._quant_dequant(xf, s, o)
+    gx, g_out, gx_x, _, _ = fk.mask_and_sums(g, xf, outf, a, b)
+    assert g_out == pytest.approx(float((g.double() * outf.double()).sum()), rel=1e-5, abs=1e-3)
+    assert gx_x == pytest.approx(float((gx.double() * xf.double()).sum()), rel=1e-5, abs=1e-3)
+
+
+def test_training_step_is_the_eager_one(eager):
+    """The autograd node with and without the kernels: the same output and input gradient
+    bit for bit, the same range gradients to float rounding."""
+    def step():
+        x = (torch.randn(32, 24, 20, 20, generator=torch.Generator().manual_seed(3)) * 3)
+        x.requires_grad_(True)
+        lo = torch.tensor(-1.0, requires_grad=True)
+        hi = torch.tensor(4.0, requires_grad=True)
+        y = fq.fake_quant_activation(x, lo, hi)
+        w = torch.linspace(-1, 1, y.numel()).view_as(y)
+        (y * w).sum().backward()
+        return y.detach(), x.grad, lo.grad, hi.grad
+    fused = step()
+    eager()
+    ref = step()
+    assert torch.equal(fused[0], ref[0]) and torch.equal(fused[1], ref[1])
+    for a, b in zip(fused[2:], ref[2:]):
+        assert float(a) == pytest.approx(float(b), rel=1e-4)
+        assert float(a) != 0.0
+
+
+def test_core_numerics_hold_with_the_kernels():
+    x = torch.randn(40000, generator=torch.Generator().manual_seed(9)) * 3
+    x[:4] = torch.tensor([0.5, 1.5, -2.5, 100.0]) * (8 / 255)
+    s, o = nm.activation_qparams(-2.0, 6.0)
+    got = fq.fake_quant_activation(x, torch.tensor(-2.0), torch.tensor(6.0)).numpy()
+    assert np.array_equal(got, nm.fake_quant_activation(x.numpy(), s, o))
+
+
+def test_left_to_the_eager_path():
+    s, o = 0.1, 0.0
+    big = torch.randn(64, 16, 32, 32)
+    assert fk.quant_dequant(big[:, :, :, :16], s, -128, 127) is None  # not dense
+    assert fk.quant_dequant(big.double(), s, -128, 127) is None
+    assert fk.quant_dequant(torch.randn(16, 16), s, -128, 127) is None  # below MIN_NUMEL
+    out = fq._quant_dequant(big, s, o)
+    g_cl = torch.randn_like(big).contiguous(memory_format=torch.channels_last)
+    assert fk.mask_and_sums(g_cl, big, out, -1.0, 1.0) is None  # strides differ
+    # the eager path then gives what the kernel would have
+    a, b = fq.inside_bounds(s, o)
+    gx, *sums = fq._mask_and_sums(g_cl, big, out, a, b)
+    ref = fk.mask_and_sums(g_cl.contiguous(), big, out, a, b)
+    assert torch.equal(gx, ref[0])
+    assert sums == pytest.approx(list(ref[1:]), rel=1e-4)
+
+
+def test_the_kernels_follow_torch_thread_count():
+    import numba
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        fk.quant_dequant(torch.randn(64, 16, 32, 32), 0.1, -128, 127)
+        assert numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv(fk.ENV, "0")
+    monkeypatch.setattr(fk, "_kernels", None)
+    assert fk.quant_dequant(torch.randn(64, 16, 32, 32), 0.1, -128, 127) is None
+    assert fk._kernels is False

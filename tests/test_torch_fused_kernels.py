@@ -133,3 +133,34 @@ def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setattr(fk, "_kernels", None)
     assert fk.quant_dequant(torch.randn(64, 16, 32, 32), 0.1, -128, 127) is None
     assert fk._kernels is False
+
+
+@pytest.mark.parametrize("shape", [(64, 16, 3, 3), (96, 1, 3, 3), (10, 256), (3, 3, 1, 1)])
+def test_weight_kernel_is_bit_identical_to_the_eager_ops(shape):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 0.1
+    w[0] = 0  # a zero channel: scale 1
+    w[1].view(-1)[0] = float("nan")  # NaN makes the channel's amax NaN: scale 1
+    w[2] = w[2] * 1e-13  # below the zero threshold
+    w.view(-1)[-1] = 0.05 * 127 / 127.5  # a tie after dividing by the last channel's scale
+    wq, s = fq.fake_quant_weight_per_channel(w)
+    s_ref = fq.weight_scales(w)
+    wq_ref = fq.fake_quant_weight(w, s_ref)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(torch.isnan(wq), torch.isnan(wq_ref))
+    assert torch.equal(torch.nan_to_num(wq), torch.nan_to_num(wq_ref))
+    ok = w[3:].detach().numpy()
+    assert np.array_equal(wq[3:].numpy(), nm.fake_quant_weight(ok, nm.weight_scales(ok)))
+
+
+def test_weight_kernel_gradient_is_straight_through(eager):
+    def grads():
+        w = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(4), requires_grad=True)
+        f = torch.linspace(0.5, 2.0, 8).reshape(-1, 1, 1, 1).requires_grad_(True)
+        wq = fq.fake_quant_weight_per_channel(w * f)[0] / f
+        (wq * torch.arange(wq.numel()).view_as(wq)).sum().backward()
+        return wq.detach(), w.grad, f.grad
+    fused = grads()
+    eager()
+    ref = grads()
+    for a, b in zip(fused, ref):
+        assert torch.equal(a, b)

@@ -147,6 +147,30 @@ def fake_quant_weight(w, scales):
     return _FakeQuantWeight.apply(w, scales)
 
 
+class _FakeQuantWeightFused(torch.autograd.Function):
+    """Per-channel scales and fake-quant of ``w`` in one kernel call, straight through."""
+
+    @staticmethod
+    def forward(ctx, w, wq, scales):
+        return wq
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None, None
+
+
+def fake_quant_weight_per_channel(w):
+    """``(fake_quant_weight(w, weight_scales(w)), weight_scales(w))``: one fused kernel call
+    where the kernels apply (the same values bit for bit), else the eager ops."""
+    r = fused_kernels.weight_quant_dequant(w, float(np.float32(nm.W_ZERO_AMAX)),
+                                           float(nm.W_QMAX))
+    if r is None:
+        s = weight_scales(w)
+        return fake_quant_weight(w, s), s
+    wq, s = r
+    return _FakeQuantWeightFused.apply(w, wq, s), s
+
+
 def fake_quant_bias(b, act_scale: float, w_scales):
     bs = w_scales * act_scale  # float32 product, like numerics.bias_scales
     bq = torch.round(b.detach() / bs).clamp_(nm.INT32_MIN, nm.INT32_MAX).mul_(bs)

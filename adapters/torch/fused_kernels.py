@@ -1,21 +1,23 @@
-"""One-pass CPU kernels for the activation fake-quant of QAT, compiled with Numba.
+"""Fused CPU kernels for the fake-quant of QAT, compiled with Numba.
 
 Eager PyTorch runs the activation fake-quant as four passes over the tensor forward (divide,
 round, clamp, multiply) and five backward (the straight-through mask, two dot products, two
 sums). At training batch sizes those passes over memory are a large share of what QAT costs
-over float training. These kernels do each direction in one pass.
+over float training. These kernels do each direction in one pass. The per-channel weight
+fake-quant (scales and quant-dequant, a dozen small eager ops per layer a step) is one call.
 
 Exactness: the forward is the eager path's float32 division, round-half-to-even (``rint``),
 clamp and multiply, element by element, so its output is bit-identical (NaN passes through
 as ``torch.clamp`` lets it). The mask is the test ATen's ``hardtanh_backward`` makes
 (``a < x < b`` passes the gradient; anything else, NaN included, gives 0), so the input
 gradient is bit-identical too. Only the four sums behind the range gradients are added in
-another order: in float32 within blocks of ``BLOCK`` elements, the blocks in float64.
+another order: in float32 within blocks of ``BLOCK`` elements, the blocks in float64. The
+weight kernel's scales and values are the eager ops' bit for bit, NaN channels included.
 
-Used for dense float32 CPU tensors of at least ``MIN_NUMEL`` elements when Numba imports and
-compiles; anything else (CUDA, other dtypes, odd strides, small tensors, no Numba, or
-``DOPT_TORCH_FUSED=0``) returns None and the caller runs its eager code. Numba's threads
-follow ``torch.get_num_threads()``.
+Used for dense float32 CPU tensors (activations of at least ``MIN_NUMEL`` elements,
+contiguous weights) when Numba imports and compiles; anything else (CUDA, other dtypes, odd
+strides, small tensors, no Numba, or ``DOPT_TORCH_FUSED=0``) returns None and the caller
+runs its eager code. Numba's threads follow ``torch.get_num_threads()``.
 """
 from __future__ import annotations
 
@@ -77,7 +79,29 @@ def _compile():
             partial[k, 2] = r[2]
             partial[k, 3] = r[3]
 
-    return numba, fq_forward, fq_backward
+    @njit(cache=True, boundscheck=False)  # weights are small: one thread, no fastmath
+    def fq_weight(w, out, scales, zero_amax, qmax):
+        for c in range(w.shape[0]):
+            amax = np.float32(0.0)
+            nan = False
+            for k in range(w.shape[1]):
+                v = abs(w[c, k])
+                if v != v:
+                    nan = True
+                elif v > amax:
+                    amax = v
+            # a NaN in the channel makes torch's amax NaN, and NaN >= zero_amax is false
+            s = amax / qmax if (amax >= zero_amax and not nan) else np.float32(1.0)
+            scales[c] = s
+            for k in range(w.shape[1]):
+                v = np.rint(w[c, k] / s)
+                if v < -qmax:
+                    v = -qmax
+                elif v > qmax:
+                    v = qmax
+                out[c, k] = v * s
+
+    return numba, fq_forward, fq_backward, fq_weight
 
 
 def _get():
@@ -87,14 +111,17 @@ def _get():
         _kernels = False
         if os.environ.get(ENV, "1") != "0":
             try:
-                numba, fwd, bwd = _compile()
+                numba, fwd, bwd, wgt = _compile()
                 # compile (or load from Numba's cache) now, on a tiny input, so that a failure
                 # falls back here rather than in the middle of a training step
                 x = np.zeros(8, np.float32)
                 fwd(x, np.empty_like(x), np.float32(1), np.float32(-1), np.float32(1))
                 bwd(x, x, x, np.empty_like(x), np.float32(-1), np.float32(1),
                     np.empty((1, 4), np.float32))
-                _kernels = (numba, fwd, bwd)
+                w = np.zeros((2, 4), np.float32)
+                wgt(w, np.empty_like(w), np.empty(2, np.float32), np.float32(1e-10),
+                    np.float32(127))
+                _kernels = (numba, fwd, bwd, wgt)
             except ImportError:
                 pass
             except Exception as e:  # noqa: BLE001 - any compile failure: run the eager path
@@ -155,3 +182,21 @@ def mask_and_sums(g, x, out, a: float, b: float):
     k[2](*flats, _flat(gx), np.float32(a), np.float32(b), partial)
     sums = partial.sum(axis=0, dtype=np.float64)
     return (gx, *(float(v) for v in sums))
+
+
+def weight_quant_dequant(w, zero_amax: float, qmax: float):
+    """``(clamp(rint(w / s), -qmax, qmax) * s, s)`` with per-output-channel (dim 0) scales
+    ``s = max|w_c| / qmax`` (1 where ``max|w_c| < zero_amax``), in one call; or None. For
+    a contiguous float32 CPU weight of any size: weights are small, so this saves the
+    per-op cost of eager PyTorch's dozen small ops rather than passes over memory."""
+    if w.dtype is not torch.float32 or not w.is_cpu or not w.is_contiguous() or w.dim() < 2:
+        return None
+    k = _get()
+    if not k:
+        return None
+    wd = w.detach()
+    out = torch.empty_like(wd)
+    scales = torch.empty(w.shape[0], dtype=torch.float32)
+    k[3](wd.view(w.shape[0], -1).numpy(), out.view(w.shape[0], -1).numpy(), scales.numpy(),
+         np.float32(zero_amax), np.float32(qmax))
+    return out, scales

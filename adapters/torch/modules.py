@@ -119,8 +119,7 @@ class _QuantLayer(nn.Module):
     def quantized_params(self):
         """(fake-quant weight, fake-quant bias, weight scales) of the deployed layer."""
         w, b = self.folded()
-        s_w = fq.weight_scales(w)
-        wq = fq.fake_quant_weight(w, s_w)
+        wq, s_w = fq.fake_quant_weight_per_channel(w)
         if b is not None:
             scale, _ = self.act.qparams()
             b = fq.fake_quant_bias(b, scale, s_w)
@@ -261,7 +260,7 @@ class QuantConv2d(_ConvBn, _QuantLayer):
             # instead of the (large) activation: BN then sees the unfolded conv output
             f = bn_factor(self.bn).reshape(-1, 1, 1, 1)
             w = self.layer.weight * f
-            wq = fq.fake_quant_weight(w, fq.weight_scales(w)) / f
+            wq = fq.fake_quant_weight_per_channel(w)[0] / f
             return self.bn(self._conv(x, wq, self.layer.bias))
         wq, bq, _ = self.quantized_params()
         y = self._conv(x, wq, bq)

@@ -164,3 +164,22 @@ def test_weight_kernel_gradient_is_straight_through(eager):
     ref = grads()
     for a, b in zip(fused, ref):
         assert torch.equal(a, b)
+
+
+def test_concurrent_training_threads_get_the_same_values():
+    """Two Python threads running the kernels at once (serialized where Numba's thread pool
+    needs it) give what one thread gives."""
+    from concurrent.futures import ThreadPoolExecutor
+    xs = [torch.randn(32, 24, 20, 20, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+
+    def run(x):
+        x = x.clone().requires_grad_(True)
+        lo, hi = torch.tensor(-1.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)
+        y = fq.fake_quant_activation(x, lo, hi)
+        y.sum().backward()
+        return y.detach(), x.grad
+    alone = [run(x) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(run, xs))
+    for (a, ga), (b, gb) in zip(alone, together):
+        assert torch.equal(a, b) and torch.equal(ga, gb)

@@ -21,7 +21,9 @@ runs its eager code. Numba's threads follow ``torch.get_num_threads()``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import warnings
 
 import numpy as np
@@ -31,7 +33,10 @@ BLOCK = 4096
 MIN_NUMEL = 16384
 ENV = "DOPT_TORCH_FUSED"
 
-_kernels = None  # (numba module, forward kernel, backward kernel) once compiled; False if not
+_kernels = None  # (numba, activation forward, backward, weight kernel); False: not usable
+# Numba's own "workqueue" thread pool (used where neither OpenMP nor TBB is there) aborts the
+# process when two threads launch parallel kernels at once: calls are then serialized
+_launch = contextlib.nullcontext()
 
 
 def _compile():
@@ -106,7 +111,7 @@ def _compile():
 
 def _get():
     """The compiled kernels, or None where they cannot be used (checked once)."""
-    global _kernels
+    global _kernels, _launch
     if _kernels is None:
         _kernels = False
         if os.environ.get(ENV, "1") != "0":
@@ -122,6 +127,8 @@ def _get():
                 wgt(w, np.empty_like(w), np.empty(2, np.float32), np.float32(1e-10),
                     np.float32(127))
                 _kernels = (numba, fwd, bwd, wgt)
+                if numba.threading_layer() == "workqueue":
+                    _launch = threading.Lock()
             except ImportError:
                 pass
             except Exception as e:  # noqa: BLE001 - any compile failure: run the eager path
@@ -162,8 +169,9 @@ def quant_dequant(x, s: float, qlo: float, qhi: float):
     if xf is None:
         return None
     out = torch.empty_like(x)
-    _threads(k[0])
-    k[1](xf, _flat(out), np.float32(s), np.float32(qlo), np.float32(qhi))
+    with _launch:
+        _threads(k[0])
+        k[1](xf, _flat(out), np.float32(s), np.float32(qlo), np.float32(qhi))
     return out
 
 
@@ -178,8 +186,9 @@ def mask_and_sums(g, x, out, a: float, b: float):
         return None
     gx = torch.empty_like(x)
     partial = np.empty(((x.numel() + BLOCK - 1) // BLOCK, 4), np.float32)
-    _threads(k[0])
-    k[2](*flats, _flat(gx), np.float32(a), np.float32(b), partial)
+    with _launch:
+        _threads(k[0])
+        k[2](*flats, _flat(gx), np.float32(a), np.float32(b), partial)
     sums = partial.sum(axis=0, dtype=np.float64)
     return (gx, *(float(v) for v in sums))
 

@@ -183,3 +183,32 @@ def test_concurrent_training_threads_get_the_same_values():
         together = list(pool.map(run, xs))
     for (a, ga), (b, gb) in zip(alone, together):
         assert torch.equal(a, b) and torch.equal(ga, gb)
+
+
+def test_a_forked_child_runs_the_eager_ops():
+    """Numba's OpenMP layer terminates a forked child that launches a parallel kernel after
+    its parent did: the child must fall back to the eager ops, and finish."""
+    import multiprocessing as mp
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    x = torch.randn(64, 16, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert fk.quant_dequant(x, 0.1, -128, 127) is not None  # the parent has run them
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_fake_quant, args=(x, q))
+    p.start()
+    used_kernel, out = q.get(timeout=120)  # before join: the child flushes the queue at exit
+    p.join(60)
+    if p.exitcode is None:
+        p.kill()
+    assert p.exitcode == 0
+    assert not used_kernel
+    assert np.array_equal(out, fq._quant_dequant(x, 0.1, 0.0).numpy())
+
+
+def _child_fake_quant(x, q):
+    # one thread, as DataLoader workers do: PyTorch's own OpenMP ops hang in a forked child
+    # of a process that ran them (checked with the kernels switched off)
+    torch.set_num_threads(1)
+    q.put((fk.quant_dequant(x, 0.1, -128, 127) is not None,
+           fq.fake_quant_activation(x, torch.tensor(-12.8), torch.tensor(12.7)).numpy()))

@@ -17,7 +17,8 @@ weight kernel's scales and values are the eager ops' bit for bit, NaN channels i
 Used for dense float32 CPU tensors (activations of at least ``MIN_NUMEL`` elements,
 contiguous weights) when Numba imports and compiles; anything else (CUDA, other dtypes, odd
 strides, small tensors, no Numba, or ``DOPT_TORCH_FUSED=0``) returns None and the caller
-runs its eager code. Numba's threads follow ``torch.get_num_threads()``.
+runs its eager code, as does a process forked from one that ran them. Numba's threads follow
+``torch.get_num_threads()``.
 """
 from __future__ import annotations
 
@@ -39,11 +40,11 @@ _kernels = None  # (numba, activation forward, backward, weight kernel); False: 
 _launch = contextlib.nullcontext()
 
 
-def _compile():
+def _compile(cache: bool = True):
     import numba
     from numba import njit, prange
 
-    @njit(parallel=True, cache=True, boundscheck=False)  # IEEE arithmetic: no fastmath
+    @njit(parallel=True, cache=cache, boundscheck=False)  # IEEE arithmetic: no fastmath
     def fq_forward(x, out, s, qlo, qhi):
         for i in prange(x.shape[0]):
             v = np.rint(x[i] / s)
@@ -54,7 +55,7 @@ def _compile():
             out[i] = v * s
 
     # reassociation only reorders the sums; the select and the stores stay exact
-    @njit(cache=True, boundscheck=False, fastmath={"reassoc", "contract"})
+    @njit(cache=cache, boundscheck=False, fastmath={"reassoc", "contract"})
     def block_backward(g, x, out, gx, a, b):
         # over whole (sliced) arrays: a loop from a start offset does not vectorize
         zero = np.float32(0.0)
@@ -73,7 +74,7 @@ def _compile():
             s_gx += gxi
         return s_gout, s_gxx, s_g, s_gx
 
-    @njit(parallel=True, cache=True, boundscheck=False)
+    @njit(parallel=True, cache=cache, boundscheck=False)
     def fq_backward(g, x, out, gx, a, b, partial):
         n = x.shape[0]
         for k in prange(partial.shape[0]):
@@ -84,7 +85,7 @@ def _compile():
             partial[k, 2] = r[2]
             partial[k, 3] = r[3]
 
-    @njit(cache=True, boundscheck=False)  # weights are small: one thread, no fastmath
+    @njit(cache=cache, boundscheck=False)  # weights are small: one thread, no fastmath
     def fq_weight(w, out, scales, zero_amax, qmax):
         for c in range(w.shape[0]):
             amax = np.float32(0.0)
@@ -109,6 +110,31 @@ def _compile():
     return numba, fq_forward, fq_backward, fq_weight
 
 
+def _after_fork_in_child() -> None:
+    """A forked child of a process that ran the kernels runs the eager ops: Numba's OpenMP
+    layer terminates a child that launches a parallel kernel after such a fork (checked:
+    "fork() called from a process already using GNU OpenMP")."""
+    global _kernels
+    if _kernels:
+        _kernels = False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _warmed(cache: bool):
+    """The kernels, compiled (or loaded from Numba's cache) and run once on tiny inputs, so
+    that a failure shows here rather than in the middle of a training step."""
+    numba, fwd, bwd, wgt = _compile(cache)
+    x = np.zeros(8, np.float32)
+    fwd(x, np.empty_like(x), np.float32(1), np.float32(-1), np.float32(1))
+    bwd(x, x, x, np.empty_like(x), np.float32(-1), np.float32(1), np.empty((1, 4), np.float32))
+    w = np.zeros((2, 4), np.float32)
+    wgt(w, np.empty_like(w), np.empty(2, np.float32), np.float32(1e-10), np.float32(127))
+    return numba, fwd, bwd, wgt
+
+
 def _get():
     """The compiled kernels, or None where they cannot be used (checked once)."""
     global _kernels, _launch
@@ -116,18 +142,14 @@ def _get():
         _kernels = False
         if os.environ.get(ENV, "1") != "0":
             try:
-                numba, fwd, bwd, wgt = _compile()
-                # compile (or load from Numba's cache) now, on a tiny input, so that a failure
-                # falls back here rather than in the middle of a training step
-                x = np.zeros(8, np.float32)
-                fwd(x, np.empty_like(x), np.float32(1), np.float32(-1), np.float32(1))
-                bwd(x, x, x, np.empty_like(x), np.float32(-1), np.float32(1),
-                    np.empty((1, 4), np.float32))
-                w = np.zeros((2, 4), np.float32)
-                wgt(w, np.empty_like(w), np.empty(2, np.float32), np.float32(1e-10),
-                    np.float32(127))
-                _kernels = (numba, fwd, bwd, wgt)
-                if numba.threading_layer() == "workqueue":
+                try:
+                    kernels = _warmed(True)
+                except ImportError:
+                    raise
+                except Exception:  # noqa: BLE001 - e.g. no writable place for Numba's cache
+                    kernels = _warmed(False)
+                _kernels = kernels
+                if kernels[0].threading_layer() == "workqueue":
                     _launch = threading.Lock()
             except ImportError:
                 pass

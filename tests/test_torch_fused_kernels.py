@@ -212,3 +212,20 @@ def _child_fake_quant(x, q):
     torch.set_num_threads(1)
     q.put((fk.quant_dequant(x, 0.1, -128, 127) is not None,
            fq.fake_quant_activation(x, torch.tensor(-12.8), torch.tensor(12.7)).numpy()))
+
+
+def test_without_numba_or_a_failed_compile_the_eager_ops_run(monkeypatch):
+    x = torch.randn(64, 16, 32, 32, generator=torch.Generator().manual_seed(6))
+    ref = fq._quant_dequant(x, 0.1, 0.0)
+    monkeypatch.setattr(fk.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(fk, "_kernels", None)
+    assert fk.quant_dequant(x, 0.1, -128, 127) is None
+    monkeypatch.undo()
+
+    def broken(cache):
+        raise RuntimeError("no LLVM target")
+    monkeypatch.setattr(fk, "_warmed", broken)
+    monkeypatch.setattr(fk, "_kernels", None)
+    with pytest.warns(UserWarning, match="did not compile .*no LLVM target.*DOPT_TORCH_FUSED=0"):
+        out = fq.fake_quant_activation(x, torch.tensor(-12.8), torch.tensor(12.7))
+    assert torch.equal(out, ref)

@@ -19,6 +19,8 @@ from . import fused_kernels
 
 QMIN, QMAX = float(nm.ACT_QMIN), float(nm.ACT_QMAX)
 LEVELS = float(nm.ACT_LEVELS)
+# the weight thresholds as the float32 values the comparisons and divisions use
+W_ZERO_AMAX, W_QMAX = float(np.float32(nm.W_ZERO_AMAX)), float(nm.W_QMAX)
 
 
 def activation_qparams_float(lo: float, hi: float) -> tuple[float, float]:
@@ -99,21 +101,12 @@ class _FakeQuantAct(torch.autograd.Function):
                 torch.tensor(g_hi, dtype=torch.float32, device=dev))
 
 
-def _dense_1d(t):
-    """``t`` as a 1-D view of its storage when it is dense in any memory format (the order
-    of the elements then follows the strides), else None."""
-    n = t.numel()
-    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
-        return t.as_strided((n,), (1,))
-    return None
-
-
 def _dot(a, b) -> float:
     """``sum(a * b)`` without copying either tensor: a 1-D dot product over the storage when
     both are dense with the same strides (a channels-last gradient against a channels-last
     input, as oneDNN's depthwise backward gives), else one fused multiply-reduce."""
     if a.stride() == b.stride():
-        a1, b1 = _dense_1d(a), _dense_1d(b)
+        a1, b1 = fused_kernels.dense_1d(a), fused_kernels.dense_1d(b)
         if a1 is not None and b1 is not None:
             return float(torch.dot(a1, b1))
     return float(torch.sum(a * b))
@@ -128,7 +121,7 @@ def weight_scales(w):
     """Per output channel (dim 0) ``max|w| / 127``, 1.0 for a zero channel; no grad."""
     with torch.no_grad():
         amax = w.detach().abs().flatten(1).amax(dim=1)
-        return torch.where(amax >= float(np.float32(nm.W_ZERO_AMAX)), amax / float(nm.W_QMAX),
+        return torch.where(amax >= W_ZERO_AMAX, amax / W_QMAX,
                            torch.ones_like(amax))
 
 
@@ -162,8 +155,7 @@ class _FakeQuantWeightFused(torch.autograd.Function):
 def fake_quant_weight_per_channel(w):
     """``(fake_quant_weight(w, weight_scales(w)), weight_scales(w))``: one fused kernel call
     where the kernels apply (the same values bit for bit), else the eager ops."""
-    r = fused_kernels.weight_quant_dequant(w, float(np.float32(nm.W_ZERO_AMAX)),
-                                           float(nm.W_QMAX))
+    r = fused_kernels.weight_quant_dequant(w, W_ZERO_AMAX, W_QMAX)
     if r is None:
         s = weight_scales(w)
         return fake_quant_weight(w, s), s

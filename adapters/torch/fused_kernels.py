@@ -23,6 +23,7 @@ runs its eager code, as does a process forked from one that ran them. Numba's th
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import threading
 import warnings
@@ -140,19 +141,15 @@ def _get():
     global _kernels, _launch
     if _kernels is None:
         _kernels = False
-        if os.environ.get(ENV, "1") != "0":
+        if os.environ.get(ENV, "1") != "0" and importlib.util.find_spec("numba") is not None:
             try:
                 try:
                     kernels = _warmed(True)
-                except ImportError:
-                    raise
                 except Exception:  # noqa: BLE001 - e.g. no writable place for Numba's cache
                     kernels = _warmed(False)
                 _kernels = kernels
                 if kernels[0].threading_layer() == "workqueue":
                     _launch = threading.Lock()
-            except ImportError:
-                pass
             except Exception as e:  # noqa: BLE001 - any compile failure: run the eager path
                 warnings.warn(f"dopt: the fused QAT kernels did not compile ({e}); QAT runs "
                               f"its eager PyTorch path (set {ENV}=0 to skip the attempt)",
@@ -160,11 +157,18 @@ def _get():
     return _kernels or None
 
 
+def dense_1d(t):
+    """``t`` as a 1-D view of its storage when it is dense in any memory format (the order
+    of the elements then follows the strides), else None."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t.as_strided((t.numel(),), (1,))
+    return None
+
+
 def _flat(t):
     """``t`` (detached) as a 1-D numpy view of its storage when it is dense, else None."""
-    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
-        return t.detach().as_strided((t.numel(),), (1,)).numpy()
-    return None
+    v = dense_1d(t.detach())
+    return None if v is None else v.numpy()
 
 
 def _usable(t, *others) -> bool:

@@ -229,3 +229,56 @@ def test_without_numba_or_a_failed_compile_the_eager_ops_run(monkeypatch):
     with pytest.warns(UserWarning, match="did not compile .*no LLVM target.*DOPT_TORCH_FUSED=0"):
         out = fq.fake_quant_activation(x, torch.tensor(-12.8), torch.tensor(12.7))
     assert torch.equal(out, ref)
+
+
+def test_a_torchvision_network_trains_and_evaluates_as_with_the_eager_ops(tmp_path, eager):
+    """torchvision's MobileNetV3-small (Hardswish, squeeze-excitation, dropout), every layer
+    asked for INT8: one training step's output and weight gradients and the eval output are
+    the eager path's bit for bit; the range gradients agree to float rounding."""
+    import copy
+    import json
+
+    from bench import compat_models
+    from dopt.dopt_torch.opt_main import (generate_config_file, optimize_model,
+                                          set_calibrate_state)
+    try:
+        tvm = compat_models.torchvision_models_module()
+    except ImportError as e:
+        pytest.skip(str(e))
+    torch.manual_seed(0)
+    net = tvm.mobilenet_v3_small(num_classes=10).eval()
+    generate_config_file(net, "x:1,3,64,64", dst_path=str(tmp_path / "gen.json"))
+    cfg = json.loads((tmp_path / "gen.json").read_text())
+    for e in cfg["layer_strategy"].values():
+        e["quant_strategy"] = "Quant_INT8-8"
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning):  # the narrow layers the NPU runs in FP16
+        q = optimize_model(net, str(tmp_path / "cfg.json"))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, 64, 64, generator=g), torch.randint(0, 10, (8,), generator=g)
+    set_calibrate_state(q, True)
+    with torch.no_grad():
+        q(x)
+    set_calibrate_state(q, False)
+
+    def step():
+        m = copy.deepcopy(q).train()
+        torch.manual_seed(2)  # the classifier's dropout
+        out = m(x)
+        torch.nn.functional.cross_entropy(out, y).backward()
+        grads = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+        with torch.no_grad():
+            ev = m.eval()(x)
+        return out.detach(), grads, ev
+    assert fk.quant_dequant(x, 0.1, -128, 127) is not None  # this size takes the kernels
+    fused = step()
+    eager()
+    ref = step()
+    assert torch.equal(fused[0], ref[0]) and torch.equal(fused[2], ref[2])
+    ranges = {n for n in ref[1] if n.endswith((".lo", ".hi"))}
+    assert len(ranges) > 20 and set(fused[1]) == set(ref[1])
+    for n, gr in ref[1].items():
+        if n in ranges:
+            assert float(fused[1][n]) == pytest.approx(float(gr), rel=1e-3, abs=1e-12)
+        else:
+            assert torch.equal(fused[1][n], gr), n

@@ -42,6 +42,7 @@ from dopt.formats.fileio import write_json_atomic
 from dopt.npu.costmodel import estimate
 from dopt.npu.lower import lower_onnx
 from dopt.npu.precheck import precheck
+from dopt.npu.prepare import prepare
 from dopt.npu.profile import DEFAULT_PROFILE, PROFILES_DIR, load_profile
 
 from . import zoo_models
@@ -140,7 +141,7 @@ def analyse(name: str, profile, side: int | None = None, int8_skip: int = 0,
     else:
         path, shape = (zoo_models.export_variant(name, variant),
                        zoo_models.VARIANTS[name][variant][2])
-    graph = lower_onnx(onnx.load(str(path)))
+    graph = lower_onnx(prepare(onnx.load(str(path))))   # as dopt omg compiles it
     int8 = [n.name for n in graph.nodes if n.op in INT8_OPS]
     if int8_skip:
         int8 = int8[int8_skip:-int8_skip]

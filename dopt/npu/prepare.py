@@ -3,14 +3,18 @@
 Old opsets are converted to ``TARGET_OPSET`` (so every later stage knows one set of
 operator semantics), ``--input_shape`` fixes the input dims, ``--out_nodes`` cuts
 the graph, ``Constant`` nodes and nodes whose inputs are all constants are folded
-into initializers. Shape computations on activations are kept: they make the compiled
-graph independent of the batch size, which the emulator uses to evaluate many
-samples in one call.
+into initializers, activations spelled out op by op become one operator
+(``activations.py``) and an exporter's cancelling Transpose pairs leave
+(``transposes.py``). Shape computations on activations are kept: they make the compiled
+graph independent of the batch size, which the emulator uses to evaluate many samples in
+one call.
 """
 from __future__ import annotations
 
 from ..errors import DoptError
 from ..formats.qdq import require_onnx
+from .activations import fuse_hard_activations
+from .transposes import cancel_transposes
 
 TARGET_OPSET = 17
 MIN_OPSET = 7
@@ -398,6 +402,8 @@ def prepare(model, *, input_shapes=None, out_nodes=None, file=None, consume: boo
     remove_inference_noops(m, file)
     fold_constants(m)
     fold_shapes(m)
+    fuse_hard_activations(m)
+    cancel_transposes(m)
     free_batch_reshapes(m)
     return infer_shapes(m, file)
 

@@ -185,3 +185,24 @@ def test_a_long_stretch_cancels_and_the_rewrite_is_bounded():
     assert cancel_transposes(model) == 2
     assert "Transpose" not in _ops(model) and len(model.graph.node) == n
     np.testing.assert_array_equal(_ort(model, x), want)
+
+
+def test_many_pairs_in_a_row_all_cancel():
+    """Each NHWC Transpose must catch its own inverse before that one moves on: 40 pairs in
+    a chain, separated by element-wise ops, all leave (sinking every Transpose in turn would
+    leave them chasing each other down to the output)."""
+    mk = helper.make_node
+    nodes, t = [], "x"
+    for p in range(40):
+        nodes += [mk("Transpose", [t], [f"a{p}"], name=f"ta{p}", perm=NHWC),
+                  mk("Relu", [f"a{p}"], [f"r{p}"], name=f"r{p}"),
+                  mk("Transpose", [f"r{p}"], [f"b{p}"], name=f"tb{p}", perm=NCHW),
+                  mk("Sigmoid", [f"b{p}"], [f"s{p}"], name=f"s{p}")]
+        t = f"s{p}"
+    nodes.append(mk("Neg", [t], ["y"], name="out"))
+    model = _graph(nodes)
+    x = RNG.standard_normal((1, 3, 4, 5)).astype(np.float32)
+    want = _ort(model, x)
+    assert cancel_transposes(model) == 80
+    assert "Transpose" not in _ops(model) and len(model.graph.node) == 81
+    np.testing.assert_array_equal(_ort(model, x), want)

@@ -108,17 +108,19 @@ class _Sinker:
 
     # -- one rewrite: Transpose ``t`` moves below its consumer ``c`` ----------------------------
 
-    def sink(self, t, c) -> bool:
+    def sink(self, t, c):
+        """Move ``t`` below ``c``: None when ``c`` does not allow it, else True (``c`` was a
+        Transpose and now composes both) or the new Transpose written after ``c``."""
         x, y, perm = t.input[0], t.output[0], self._perm(t)
         rank = len(perm)
         inv = list(np.argsort(perm))
         op = c.op_type
         if c.domain not in ("", "ai.onnx"):
-            return False
+            return None
         if op == "Transpose":
             q = self._perm(c)
             if q is None or len(q) != rank:
-                return False
+                return None
             composed = [perm[i] for i in q]
             c.input[0] = x
             if composed == list(range(rank)):
@@ -129,11 +131,11 @@ class _Sinker:
             return True
         if op in UNARY:
             if c.input[0] != y or any(v == y for v in list(c.input)[1:]):
-                return False
+                return None
             c.input[0] = x
         elif op in BINARY:
             if len(c.input) != 2:
-                return False
+                return None
             new = []
             for v in c.input:
                 if v == y:
@@ -145,7 +147,7 @@ class _Sinker:
                     continue
                 val = self._const(v)
                 if val is None or val.ndim > rank:
-                    return False
+                    return None
                 if val.size == 1:
                     new.append(v)
                     continue
@@ -154,13 +156,13 @@ class _Sinker:
             c.input[:] = new
         elif op in REDUCE:
             if _attr(c, "keepdims", 1) != 1 or c.input[0] != y:
-                return False
+                return None
             axes = _attr(c, "axes")
             from_input = axes is None and len(c.input) > 1 and c.input[1]
             if from_input:
                 val = self._const(c.input[1])
                 if val is None:
-                    return False
+                    return None
                 axes = val.reshape(-1).tolist()
             if axes is not None:
                 mapped = sorted(perm[int(a) % rank] for a in axes)
@@ -172,10 +174,10 @@ class _Sinker:
             c.input[0] = x
         elif op == "Pad":
             if c.input[0] != y or len(c.input) < 2 or (len(c.input) > 3 and c.input[3]):
-                return False
+                return None
             pads = self._const(c.input[1])
             if pads is None or pads.size != 2 * rank:
-                return False
+                return None
             pads = pads.reshape(-1)
             moved = np.zeros_like(pads)
             for i in range(rank):
@@ -183,37 +185,86 @@ class _Sinker:
             c.input[1] = self._add_const(f"{c.input[1]}/untransposed", moved)
             c.input[0] = x
         else:
-            return False
+            return None
         # ``c`` now computes in the untransposed layout; a Transpose after it restores the
         # tensor its readers expect (it sinks further, or cancels, on a later step)
         from onnx import helper
-        inner = self._fresh(f"{c.output[0]}/untransposed")
+        base = c.output[0].split("/untransposed")[0]
+        inner = self._fresh(f"{base}/untransposed")
         after = helper.make_node("Transpose", [inner], [c.output[0]],
                                  name=self._fresh(f"{c.name or op}/transpose"), perm=perm)
         c.output[0] = inner
-        self.nodes.insert(self.nodes.index(c) + 1, after)
-        return True
+        self.seq += 1
+        self.key[id(after)] = self.key[id(c)] + (-self.seq,)   # right after c, newest first
+        self.nodes.append(after)
+        self.producer[inner], self.producer[after.output[0]] = c, after
+        self.consumers[inner] = [after]
+        return after
+
+    def _is_t(self, n) -> bool:
+        return n.op_type == "Transpose" and n.domain in ("", "ai.onnx") \
+            and self._perm(n) is not None
+
+    def _reindex(self, c, old) -> None:
+        """``c`` read ``old`` and now reads ``c.input``: move it between reader lists."""
+        for v in old:
+            readers = self.consumers.get(v, [])
+            for i, r in enumerate(readers):
+                if r is c:
+                    del readers[i]
+                    break
+        for v in c.input:
+            self.consumers.setdefault(v, []).append(c)
+
+    def _kill_if_dead(self, n) -> None:
+        """Drop Transposes nobody reads any more, up a chain of them (bounded by the graph)."""
+        for _ in range(len(self.nodes) + 1):
+            if n is None or id(n) in self.dead or not self._is_t(n) \
+                    or self.consumers.get(n.output[0]) or n.output[0] in self.outputs:
+                return
+            self.dead.add(id(n))
+            self._reindex(n, list(n.input))
+            readers = self.consumers.get(n.input[0], [])
+            self.consumers[n.input[0]] = [r for r in readers if r is not n]
+            n = self.producer.get(n.input[0])
 
     def run(self) -> int:
-        """Rewrite until nothing sinks; returns the number of rewrites."""
-        done = 0
-        limit = 8 * len(self.nodes) + 16        # every rewrite moves a Transpose down one node
-        while done < limit:
-            self._index()
-            step = False
-            for t in self.nodes:
-                if t.op_type != "Transpose" or t.domain not in ("", "ai.onnx") \
-                        or self._perm(t) is None:
+        """Sink every Transpose as far as it goes; returns the number of rewrites. A worklist
+        over incrementally kept indexes: each rewrite costs the size of the nodes it touches,
+        and the rewrites are bounded by the graph's size."""
+        import heapq
+        self._index()
+        self.key = {id(n): (i,) for i, n in enumerate(self.nodes)}
+        self.dead: set[int] = set()
+        self.seq = 0
+        # the earliest Transpose first: it chases the ones below it until it meets its inverse
+        work = [(self.key[id(n)], i, n) for i, n in enumerate(self.nodes) if self._is_t(n)]
+        heapq.heapify(work)
+        pushed = len(self.nodes)
+        done, limit = 0, 8 * len(self.nodes) + 16   # a rewrite moves a Transpose one node down
+        while work and done < limit:
+            t = heapq.heappop(work)[2]
+            if id(t) in self.dead or not self._is_t(t):
+                continue
+            for c in list(self.consumers.get(t.output[0], [])):
+                if id(c) in self.dead or id(t) in self.dead or not self._is_t(t):
                     continue
-                for c in self.consumers.get(t.output[0], []):
-                    if self.sink(t, c):
-                        step = True
-                        break
-                if step:
-                    break
-            if not step:
-                break
-            done += 1
+                old = list(c.input)
+                moved = self.sink(t, c)
+                if moved is None:
+                    continue
+                self._reindex(c, old)
+                done += 1
+                nxt = moved if moved is not True else c if self._is_t(c) else None
+                if nxt is not None:
+                    pushed += 1
+                    heapq.heappush(work, (self.key[id(nxt)], pushed, nxt))
+                for v in old:       # operands whose Transpose was taken along
+                    self._kill_if_dead(self.producer.get(v))
+            self._kill_if_dead(t)
+        self.nodes = sorted((n for n in self.nodes if id(n) not in self.dead),
+                            key=lambda n: self.key[id(n)])
+        if done:
             self._drop_dead()
         return done
 

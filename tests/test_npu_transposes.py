@@ -17,7 +17,7 @@ from dopt import runtime  # noqa: E402
 from dopt.npu.compiler import compile_onnx  # noqa: E402
 from dopt.npu.costmodel import estimate  # noqa: E402
 from dopt.npu.lower import lower_onnx  # noqa: E402
-from dopt.npu.precheck import precheck  # noqa: E402
+from dopt.npu.precheck import precheck, render_text  # noqa: E402
 from dopt.npu.prepare import prepare  # noqa: E402
 from dopt.npu.profile import load_profile  # noqa: E402
 from dopt.npu.transposes import cancel_transposes  # noqa: E402
@@ -93,6 +93,10 @@ def test_the_compiled_model_runs_on_the_emulated_npu_without_permute_kernels():
     want = _ort(model, x)
     om, report = compile_onnx(model, load_profile())
     assert not [r for r in report["nodes"] if r["ir_op"] == "Permute"]
+    # the report says what the compiler rewrote (the hard-swish too)
+    assert report["prepared"] == {"transposes_cancelled": 2, "hard_activations_formed": 1}
+    text = render_text(report)
+    assert "2 Transposes cancelled" in text and "1 HardSigmoid/HardSwish formed" in text
     got = runtime.Session(om, device="npu").run({"x": x})["y"]
     np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)   # the NPU computes in FP16
 

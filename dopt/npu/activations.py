@@ -69,8 +69,13 @@ class _Graph:
 
 def fuse_hard_activations(model) -> int:
     """In place: ``relu6(x + 3) / 6`` -> HardSigmoid(x) and ``x * relu6(x + 3) / 6`` (in
-    either grouping) -> HardSwish(x). Returns the number of activations formed."""
+    either grouping) -> HardSwish(x). Returns the number of activations formed (a swish
+    built on a sigmoid formed first counts once)."""
     from onnx import helper
+
+    def count():
+        return sum(n.op_type in ("HardSigmoid", "HardSwish") for n in model.graph.node)
+    before = count()
     formed, drop, replace = 0, set(), {}
     for _ in range(2):          # sigmoids first, then the swishes built on them
         g = _Graph(model)
@@ -114,7 +119,7 @@ def fuse_hard_activations(model) -> int:
             del model.graph.node[:]
             model.graph.node.extend(nodes)
             replace, drop = {}, set()
-    return formed
+    return count() - before if formed else 0
 
 
 def _alpha(node) -> float:

@@ -425,8 +425,9 @@ def _analyze(model, profile: HardwareProfile, *, params, params_file, input_shap
     skeleton (names, types and dims of those weights, no data)."""
     if isinstance(model, Handover):
         model, consume = model.take(), True
+    changes: dict = {}
     m = prepare(model, input_shapes=input_shapes, out_nodes=out_nodes, file=source,
-                consume=consume)
+                consume=consume, changes=changes)
     del model
     if params is not None:
         check_params_against_model(params, m, params_file)
@@ -447,6 +448,7 @@ def _analyze(model, profile: HardwareProfile, *, params, params_file, input_shap
         if ranges or drift:
             report = precheck(g, profile, layers, fp16_ranges=ranges, fp16_drift=drift)
     report["fusions"] = fusion_groups(g, report, profile)
+    report["prepared"] = {k: v for k, v in changes.items() if v}
     return m, g, report, weights
 
 

@@ -75,6 +75,17 @@ def _partitions(graph: IRGraph, nodes: list[dict]) -> list[dict]:
     return parts
 
 
+# what each count of ``report["prepared"]`` (``prepare(changes=...)``) means, for the text
+PREPARED_TEXT = {
+    "qdq_pairs_removed": "Quantize/Dequantize pairs removed (INT8 comes from the parameter file)",
+    "sums_to_adds": "Sum nodes written as Adds",
+    "inference_noops_removed": "inference no-ops removed (Dropout, Identity)",
+    "shape_nodes_folded": "shape computations folded",
+    "hard_activations_formed": "HardSigmoid/HardSwish formed from their element-wise formula",
+    "transposes_cancelled": "Transposes cancelled (an exporter's layout changes)",
+}
+
+
 def render_text(report: dict) -> str:
     s = report["summary"]
     lines = [f"pre-check against {report['profile']['name']} {report['profile']['version']}: "
@@ -93,6 +104,9 @@ def render_text(report: dict) -> str:
                     continue
                 lines.append(f"- {x['node']} ({x['ir_op'] or x['onnx_op']}): {f['message']}"
                              + (f" -> {f['hint']}" if f["hint"] else ""))
+    if report.get("prepared"):
+        lines += ["", "graph rewrites before lowering: " + ", ".join(
+            f"{v} {PREPARED_TEXT.get(k, k)}" for k, v in report["prepared"].items())]
     if report.get("fusions"):
         from .costmodel import render_fusions
         lines += ["", f"fused kernels ({len(report['fusions'])}; execution-time fusion rules of "

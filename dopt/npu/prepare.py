@@ -382,8 +382,11 @@ def name_nodes(model) -> None:
         seen.add(name)
 
 
-def prepare(model, *, input_shapes=None, out_nodes=None, file=None, consume: bool = False):
-    """The prepared model; ``consume=True`` works on ``model`` itself instead of a copy."""
+def prepare(model, *, input_shapes=None, out_nodes=None, file=None, consume: bool = False,
+            changes: dict | None = None):
+    """The prepared model; ``consume=True`` works on ``model`` itself instead of a copy.
+    ``changes``, when given, receives how many nodes each graph rewrite changed (for the
+    pre-check report: a user sees what the compiler did to the graph)."""
     for n in model.graph.node:
         if any(a.type in (5, 10) for a in n.attribute):  # GRAPH / GRAPHS attributes
             raise DoptError(f"node '{n.name}' ({n.op_type}) holds a subgraph: control flow is not "
@@ -397,14 +400,15 @@ def prepare(model, *, input_shapes=None, out_nodes=None, file=None, consume: boo
         set_input_shapes(m, {}, file)
     if out_nodes:
         cut_outputs(m, out_nodes, file)
-    strip_qdq(m)
-    sums_to_adds(m)
-    remove_inference_noops(m, file)
+    done = {"qdq_pairs_removed": strip_qdq(m), "sums_to_adds": sums_to_adds(m),
+            "inference_noops_removed": remove_inference_noops(m, file)}
     fold_constants(m)
-    fold_shapes(m)
-    fuse_hard_activations(m)
-    cancel_transposes(m)
+    done["shape_nodes_folded"] = fold_shapes(m)
+    done["hard_activations_formed"] = fuse_hard_activations(m)
+    done["transposes_cancelled"] = cancel_transposes(m)
     free_batch_reshapes(m)
+    if changes is not None:
+        changes.update(done)
     return infer_shapes(m, file)
 
 

@@ -1,7 +1,7 @@
 """Fit the NPU cost model's constants, with priors, and validate it honestly.
 
     python -m bench.calibrate_cost_model [--data ../shared/data/kirin9000_model_zoo.csv]
-                                         [--write-profile] [--validation FILE.csv]
+                                         [--write-profile] [--validation FILE.csv ...]
 
 Builds the eleven model-zoo networks (``bench/zoo_models.py``, cached ONNX), lowers each,
 pre-checks it twice (FP16; INT8 with every layer that has weights requested as INT8) and
@@ -15,8 +15,8 @@ Validation, per model:
 - leave-one-model-out (LOMO): refit without the model, predict it;
 - leave-one-family-out (LOFO): refit without every model of its family (plain CNN,
   residual, depthwise, detection, segmentation, super-resolution), predict them;
-- ``--validation``: a CSV of other measured networks (same columns), predicted without
-  refitting (none is shipped: see docs/cost_model.md).
+- ``--validation``: CSVs of other measured networks (same columns), each predicted without
+  refitting and scored on its own (``bench/data/``; see docs/cost_model.md).
 
 The uncertainty band every estimate carries (``cost_model.band``) is the 10th-90th
 percentile of the LOFO estimate/measurement ratios. ``--write-profile`` stores the
@@ -203,7 +203,7 @@ def predict(feats_grid: list, c: dict) -> float:
     return predict_ms(feats_grid[_grid_index(c["onchip_buffer_kb"])], c)
 
 
-def run(data: Path, write_profile: bool, validation: Path | None,
+def run(data: Path, write_profile: bool, validation: Path | list[Path] | None,
         sensitivity: bool = False) -> dict:
     profile = load_profile(DEFAULT_PROFILE)
     meas = read_measurements(data)
@@ -271,7 +271,8 @@ def run(data: Path, write_profile: bool, validation: Path | None,
               "models": rows, "summary": summary,
               "sensitivity": [_sensitivity(m["model"], feats[m["model"]], consts, profile)
                               for m in meas] if sensitivity else [],
-              "validation": _validate(validation, consts, profile) if validation else None}
+              "validation": [_validate(Path(v), consts, profile) for v in (
+                  [validation] if isinstance(validation, (str, Path)) else validation or [])]}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(RESULTS, result)
     print(render(result))
@@ -437,8 +438,8 @@ def render(result: dict) -> str:
         for r, v in variants:
             lines.append(f"| {r['model']}: {v['variant']} | {v['input']} | {v['gmacs']:.2f} | "
                          f"{pct(v['fp16_pct'])} | {pct(v['int8_pct'])} |")
-    if result.get("validation"):
-        lines += ["", render_validation(result["validation"])]
+    for v in result.get("validation") or []:
+        lines += ["", render_validation(v)]
     return "\n".join(lines)
 
 
@@ -480,7 +481,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=DATA, help="measured latencies (CSV)")
     ap.add_argument("--write-profile", action="store_true",
                     help="store the fitted constants and the band in the hardware profile")
-    ap.add_argument("--validation", type=Path, default=None,
+    ap.add_argument("--validation", type=Path, nargs="+", default=None,
                     help="CSV of other measured networks, predicted without refitting")
     ap.add_argument("--sensitivity", action="store_true",
                     help="also estimate each network at +-12.5 %% input side, with its "

@@ -510,6 +510,7 @@ VALIDATION = {
     "ResNet50": (_torchvision("resnet50"), (1, 3, 224, 224), "torchvision resnet50"),
     "MnasNet": (_torchvision("mnasnet1_0"), (1, 3, 224, 224),
                 "torchvision mnasnet1_0 (MnasNet-B1)"),
+    "SqueezeNet_v1_1": (squeezenet_v1_1, (1, 3, 224, 224), "SqueezeNet v1.1"),
 }
 
 

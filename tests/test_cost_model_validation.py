@@ -13,13 +13,19 @@ from bench import zoo_models  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VALIDATION = ROOT / "bench" / "data" / "kirin990_5g_paddle_lite.csv"
+# every validation file: (rows, the commit its header must name)
+FILES = {VALIDATION: (9, "306d09d1"),
+         ROOT / "bench" / "data" / "kirin990_5g_paddle_lite_ddk310.csv": (4, "9b9a3182"),
+         ROOT / "bench" / "data" / "kirin990_5g_paddle_lite_ddk510.csv": (2, "fec57de8")}
 
 
-def test_validation_file_names_its_source_and_every_network_has_a_builder():
-    text = VALIDATION.read_text(encoding="utf-8")
-    assert "github.com/PaddlePaddle/Paddle-Lite" in text and "306d09d1" in text
-    rows = cal.read_measurements(VALIDATION)
-    assert len(rows) == 9
+@pytest.mark.parametrize("path", list(FILES), ids=lambda p: p.name)
+def test_validation_file_names_its_source_and_every_network_has_a_builder(path):
+    text = path.read_text(encoding="utf-8")
+    n, commit = FILES[path]
+    assert "github.com/PaddlePaddle/Paddle-Lite" in text and commit in text
+    rows = cal.read_measurements(path)
+    assert len(rows) == n
     for r in rows:
         assert r["model"] in zoo_models.builders(), r["model"]
         assert r["fp16"] > 0 and r["int8"] is None   # the source gives no INT8 times

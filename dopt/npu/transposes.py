@@ -75,7 +75,9 @@ class _Sinker:
 
     def _const(self, name: str):
         from onnx import numpy_helper
-        t = self.new_inits.get(name) or self.inits.get(name)
+        t = self.new_inits.get(name)
+        if t is None:
+            t = self.inits.get(name)
         if t is None or np.prod(t.dims, dtype=np.int64) > MAX_BROADCAST_CONST:
             return None
         return numpy_helper.to_array(t)

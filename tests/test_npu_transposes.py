@@ -210,3 +210,78 @@ def test_many_pairs_in_a_row_all_cancel():
     assert cancel_transposes(model) == 80
     assert "Transpose" not in _ops(model) and len(model.graph.node) == 81
     np.testing.assert_array_equal(_ort(model, x), want)
+
+
+def _random_graph(seed):
+    """A random chain-and-branch graph of Transposes (several perms), element-wise ops with
+    scalar / per-channel / broadcast constants on either side, two-tensor Add/Sub, keep-dims
+    ReduceMean and Pad, with one or two outputs."""
+    rng = np.random.default_rng(seed)
+    mk = helper.make_node
+    perms = [NHWC, NCHW, [0, 1, 3, 2], [0, 2, 1, 3], [1, 0, 2, 3]]
+    tensors, nodes, inits = [("x", [1, 3, 4, 5])], [], []
+    inits += [numpy_helper.from_array(np.array(v, np.float32), k)
+              for k, v in (("lo", -0.5), ("hi", 0.7))]
+    for i in range(int(rng.integers(4, 25))):
+        name, shape = tensors[int(rng.integers(max(0, len(tensors) - 4), len(tensors)))]
+        op = str(rng.choice(["T", "T", "T", "Relu", "Sigmoid", "Clip", "AddC", "MulC", "Add",
+                             "Sub", "Reduce", "Pad"]))
+        out, new = f"t{i}", shape
+        if op == "T":
+            p = perms[int(rng.integers(len(perms)))]
+            nodes.append(mk("Transpose", [name], [out], name=f"n{i}", perm=p))
+            new = [shape[j] for j in p]
+        elif op in ("Relu", "Sigmoid"):
+            nodes.append(mk(op, [name], [out], name=f"n{i}"))
+        elif op == "Clip":
+            nodes.append(mk("Clip", [name, "lo", "hi"], [out], name=f"n{i}"))
+        elif op in ("AddC", "MulC"):
+            kind = int(rng.integers(3))
+            cshape = [] if kind == 0 else [shape[-1]] if kind == 1 else [1, shape[1], 1, 1]
+            inits.append(numpy_helper.from_array(
+                rng.standard_normal(cshape).astype(np.float32), f"c{i}"))
+            args = [name, f"c{i}"] if rng.random() < 0.7 else [f"c{i}", name]
+            nodes.append(mk(op[:-1], args, [out], name=f"n{i}"))
+        elif op in ("Add", "Sub"):
+            same = [t for t, s in tensors if s == shape]
+            nodes.append(mk(op, [name, same[int(rng.integers(len(same)))]], [out],
+                            name=f"n{i}"))
+        elif op == "Reduce":
+            axes = sorted({int(a) for a in rng.choice([1, 2, 3], size=int(rng.integers(1, 3)))})
+            nodes.append(mk("ReduceMean", [name], [out], name=f"n{i}", axes=axes, keepdims=1))
+            new = [1 if j in axes else d for j, d in enumerate(shape)]
+        else:
+            pads = [int(v) for v in rng.integers(0, 2, 8)]
+            pads[0] = pads[4] = 0
+            inits.append(numpy_helper.from_array(np.array(pads, np.int64), f"p{i}"))
+            nodes.append(mk("Pad", [name, f"p{i}"], [out], name=f"n{i}"))
+            new = [d + pads[j] + pads[j + 4] for j, d in enumerate(shape)]
+        tensors.append((out, new))
+    outs = [tensors[-1][0]]
+    if rng.random() < 0.5:
+        outs.append(tensors[len(tensors) // 2][0])
+    outs = [o for o in dict.fromkeys(outs) if o != "x"]
+    g = helper.make_graph(nodes, "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 5])],
+                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, None)
+                           for o in outs], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_random_graphs_compute_the_same_after_the_rewrite():
+    """Property check on 150 seeded random graphs: whatever the pass does (about two thirds
+    change), every output keeps its shape and values."""
+    changed = 0
+    for seed in range(150):
+        model = _random_graph(seed)
+        x = np.random.default_rng(seed).standard_normal((1, 3, 4, 5)).astype(np.float32)
+        sess = ort.InferenceSession(model.SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+        want = sess.run(None, {"x": x})
+        changed += cancel_transposes(model) > 0
+        got = ort.InferenceSession(model.SerializeToString(),
+                                   providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        for a, b in zip(got, want):
+            assert a.shape == b.shape, seed
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=f"seed {seed}")
+    assert changed > 50

@@ -19,9 +19,10 @@ from pathlib import Path
 
 from dopt.formats.fileio import write_json_atomic
 
+from .calibrate_cost_model import INT8_OPS   # every weighted layer, as the calibration
+
 OUT = Path(__file__).resolve().parent / "out" / "exporters"
 RESULTS = Path(__file__).resolve().parent / "results" / "cost_model_exporters.json"
-INT8_OPS = ("Convolution", "ConvolutionDepthwise", "FullyConnection", "ConvTranspose")
 # name -> (keras.applications class, torchvision name, input side)
 NETS = {
     "MobileNetV2": ("MobileNetV2", "mobilenet_v2", 224),

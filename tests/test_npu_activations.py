@@ -108,3 +108,18 @@ def test_a_spelled_out_hard_swish_is_priced_like_the_operator():
         assert est["summary"]["kernels"] == 2          # HardSwish rides in conv's epilogue
         totals.append(est["summary"]["total_ms"])
     assert totals[0] == pytest.approx(totals[1])
+
+
+def test_an_exported_hard_sigmoid_times_its_input_counts_as_one_swish_formed():
+    """``x * HardSigmoid(x)`` (how some exporters write hard-swish) becomes HardSwish and is
+    counted; a HardSigmoid with other constants is not hard-swish and stays."""
+    nodes = [mk("HardSigmoid", ["x"], ["s"], name="sig", alpha=1 / 6, beta=0.5),
+             mk("Mul", ["x", "s"], ["h"], name="swish"),
+             mk("HardSigmoid", ["h"], ["t"], name="other", alpha=0.2, beta=0.5),
+             mk("Mul", ["h", "t"], ["y"], name="not_swish")]
+    model = _model(nodes)
+    x = (RNG.standard_normal((1, 8, 5, 5)) * 4).astype(np.float32)
+    want = _run(model, x)
+    assert fuse_hard_activations(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["HardSwish", "HardSigmoid", "Mul"]
+    np.testing.assert_allclose(_run(model, x)[0], want[0], rtol=1e-6, atol=1e-6)

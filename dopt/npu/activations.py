@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .lower import _attr
+
 _TOL = 1e-5
 
 
@@ -69,14 +71,12 @@ class _Graph:
 
 def fuse_hard_activations(model) -> int:
     """In place: ``relu6(x + 3) / 6`` -> HardSigmoid(x) and ``x * relu6(x + 3) / 6`` (in
-    either grouping) -> HardSwish(x). Returns the number of activations formed (a swish
-    built on a sigmoid formed first counts once)."""
+    either grouping) -> HardSwish(x); an exporter's ``x * HardSigmoid(x)`` -> HardSwish(x).
+    Returns the number of activations formed (a swish built on a sigmoid formed here first
+    counts once)."""
     from onnx import helper
-
-    def count():
-        return sum(n.op_type in ("HardSigmoid", "HardSwish") for n in model.graph.node)
-    before = count()
     formed, drop, replace = 0, set(), {}
+    ours = set()                # outputs of the HardSigmoids formed here
     for _ in range(2):          # sigmoids first, then the swishes built on them
         g = _Graph(model)
         for n in list(model.graph.node):
@@ -90,6 +90,7 @@ def fuse_hard_activations(model) -> int:
                     replace[id(n)] = helper.make_node(
                         "HardSigmoid", [x], [n.output[0]], name=n.name, alpha=1 / 6, beta=0.5)
                     drop.update(id(c) for c in chain)
+                    ours.add(n.output[0])
                     formed += 1
                     continue
                 mul = g.made_by(inner, "Mul")             # (x * relu6(x + 3)) / 6
@@ -108,27 +109,16 @@ def fuse_hard_activations(model) -> int:
                     h = g.made_by(n.input[1 - i], "HardSigmoid")
                     if h is not None and h.input[0] == n.input[i] \
                             and g.only_reader(n.input[1 - i], n) \
-                            and abs(_alpha(h) - 1 / 6) <= _TOL and abs(_beta(h) - 0.5) <= _TOL:
+                            and abs(_attr(h, "alpha", 0.2) - 1 / 6) <= _TOL \
+                            and abs(_attr(h, "beta", 0.5) - 0.5) <= _TOL:
                         replace[id(n)] = helper.make_node("HardSwish", [n.input[i]],
                                                           [n.output[0]], name=n.name)
                         drop.add(id(h))
-                        formed += 1
+                        formed += h.output[0] not in ours
                         break
         if replace or drop:
             nodes = [replace.get(id(n), n) for n in model.graph.node if id(n) not in drop]
             del model.graph.node[:]
             model.graph.node.extend(nodes)
             replace, drop = {}, set()
-    return count() - before if formed else 0
-
-
-def _alpha(node) -> float:
-    from onnx import helper
-    a = next((a for a in node.attribute if a.name == "alpha"), None)
-    return float(helper.get_attribute_value(a)) if a is not None else 0.2
-
-
-def _beta(node) -> float:
-    from onnx import helper
-    a = next((a for a in node.attribute if a.name == "beta"), None)
-    return float(helper.get_attribute_value(a)) if a is not None else 0.5
+    return formed

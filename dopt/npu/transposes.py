@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .lower import _attr
+
 # element-wise ops whose first input is the only map (Clip's min/max are scalars)
 UNARY = frozenset({
     "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "LeakyRelu", "Elu",
@@ -26,14 +28,6 @@ UNARY = frozenset({
 BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "PRelu"})
 REDUCE = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd"})
 MAX_BROADCAST_CONST = 1 << 20     # elements of a constant operand worth permuting
-
-
-def _attr(node, name, default=None):
-    from onnx import helper
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def _set_ints(node, name, values) -> None:
@@ -51,7 +45,6 @@ class _Sinker:
 
     def __init__(self, model):
         from onnx import NodeProto
-        self.graph = model.graph
         self.nodes = []
         for n in model.graph.node:
             c = NodeProto()
